@@ -1,0 +1,277 @@
+"""Stage-2 engine: one Mean-Teacher trainer that covers the supervised, Mean-Teacher and text-guided variants.
+
+- Supervised only: no ``unlabeled_loader``.
+- Mean-Teacher: ``unlabeled_loader`` and ``teacher``; pseudo labels are the teacher's probabilities.
+- Text-guided (AMVLM): also ``guidance`` (:class:`TextGuidance`); pseudo labels fuse the teacher with the text mask,
+  and, when the guidance has a ``tg_loss``, its decoder trains with L_tg in the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from ignite.engine import Events
+from torch import nn
+
+from amvlm_monai.engines.ema import ema_update
+from amvlm_monai.engines.pretrainer import batch_names
+from amvlm_monai.engines.step import OptimStep, autocast, check_finite, scalars
+from amvlm_monai.losses.semi import consistency_weight, fuse_pseudo_labels
+from amvlm_monai.networks.mask_generator import TextMaskGenerator
+
+__all__ = ["TextGuidance", "MeanTeacherTrainer", "build_text_guidance", "PatchEncoder"]
+
+
+
+class PatchEncoder(nn.Module):
+    """Frozen stage-1 image tower as the mask generator expects it: (B, C, H, W) -> patches (B, P, D).
+
+    Images are resized to the encoder's input size when the segmentation runs at another size.
+    """
+
+    def __init__(self, amvlm: nn.Module) -> None:
+        super().__init__()
+        self.encoder = amvlm.image_encoder
+        self.head = amvlm.image_local
+        size = amvlm.config["image_size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False)
+        out = self.encoder(images)
+        return self.head(out.tokens, out.mask)
+
+
+class TextGuidance(nn.Module):
+    """Text masks from a frozen stage-1 AMVLM, and the text-guided loss that trains their decoder.
+
+    The frozen text tower's embedding of each distinct report is computed once and cached (reports repeat across
+    epochs), never every step.
+
+    Args:
+        amvlm: the pretrained :class:`~amvlm_monai.networks.amvlm.AMVLM` (frozen here).
+        generator: a :class:`~amvlm_monai.networks.mask_generator.TextMaskGenerator` on ``PatchEncoder(amvlm)``.
+        tg_loss: a :class:`~amvlm_monai.losses.text_guided.TextGuidedLoss`, or None (decoder stays untrained:
+            the ablation rows MT + CSS / ICL without L_tg).
+        tg_weight: weight of L_tg in the total loss.
+        fusion_lambda: lambda of the logit-space fusion.
+        fusion_mode: "logit" (default) or "authors" (sigmoid(P_T + T), kept for comparison).
+        class_prompts: multi-class data: one prompt per foreground class (K = C - 1 masks); None: the paired report.
+    """
+
+    def __init__(self, amvlm: nn.Module, generator: TextMaskGenerator, tg_loss: Optional[nn.Module] = None,
+                 tg_weight: float = 1.0, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
+                 class_prompts: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        if fusion_mode not in ("logit", "authors"):
+            raise ValueError(f"fusion_mode must be 'logit' or 'authors', got '{fusion_mode}'.")
+        self.amvlm = amvlm.requires_grad_(False).eval()
+        self.generator = generator
+        self.tg_loss = tg_loss
+        self.tg_weight = tg_weight
+        self.fusion_lambda = fusion_lambda
+        self.fusion_mode = fusion_mode
+        self.class_prompts = list(class_prompts) if class_prompts else None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "TextGuidance":
+        super().train(mode)
+        self.amvlm.eval()  # frozen towers keep their BatchNorm statistics
+        return self
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """(N,) reports -> (N, D) frozen global text embeddings, each distinct report encoded once."""
+        new = sorted({t for t in texts if t not in self._cache})
+        if new:
+            self.amvlm.eval()
+            emb = self.amvlm.text_embeddings(new).float().cpu()
+            self._cache.update(zip(new, emb))
+        return torch.stack([self._cache[t] for t in texts]).to(device)
+
+    def prompts(self, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Prompt embeddings per image, (B, K, D): the paired report, or the shared class prompts."""
+        if self.class_prompts is None:
+            return self.text_features(texts, device).unsqueeze(1)
+        shared = self.text_features(self.class_prompts, device)
+        return shared.unsqueeze(0).expand(len(texts), -1, -1)
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Text masks and L_tg for a batch.
+
+        Args:
+            images: (B, C, H, W).
+            texts: B paired reports.
+
+        Returns:
+            masks (B, K, H, W) in [0, 1] (detached: they only supervise through the pseudo labels) and L_tg
+            (a scalar with gradient into the decoder and the scale) or None when there is no ``tg_loss``.
+        """
+        prompts = self.prompts(texts, images.device)
+        dense = self.generator.dense(images)
+        low = self.generator.masks(dense, prompts)
+        masks = F.interpolate(low.detach(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if self.tg_loss is None:
+            return masks, None
+        text = self.text_features(texts, images.device)
+        if getattr(self.tg_loss, "extended", False):
+            pair_masks = self.generator.masks(dense, text)  # (B, B, h, w): every report on every image
+        else:
+            pair_masks = self.generator.masks(dense, text.unsqueeze(1))[:, 0]
+        return masks, self.tg_loss(dense, pair_masks, text)
+
+    def fuse(self, teacher_logits: torch.Tensor, masks: torch.Tensor, multiclass: bool) -> torch.Tensor:
+        """Pseudo labels (B, C, H, W) from teacher logits and text masks.
+
+        Binary: masks (B, 1, H, W). Multi-class: masks (B, C-1, H, W) for the foreground classes; the background's
+        text mask is taken as 1 - max over the foreground masks.
+        """
+        if multiclass and masks.shape[1] == teacher_logits.shape[1] - 1:
+            background = 1 - masks.max(dim=1, keepdim=True)[0]
+            masks = torch.cat([background, masks], dim=1)
+        return fuse_pseudo_labels(teacher_logits, masks, lam=self.fusion_lambda, mode=self.fusion_mode,
+                                  multiclass=multiclass)
+
+
+def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float = 1.0, extended: bool = False,
+                        temperature: float = 0.07, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
+                        num_blocks: int = 2, class_prompts: Optional[Sequence[str]] = None,
+                        text_model: Optional[str] = None, device: str | torch.device = "cpu") -> TextGuidance:
+    """A :class:`TextGuidance` on a stage-1 checkpoint (see :func:`~amvlm_monai.networks.amvlm.load_amvlm`)."""
+    from amvlm_monai.losses.text_guided import TextGuidedLoss
+    from amvlm_monai.networks.amvlm import load_amvlm
+
+    amvlm = load_amvlm(checkpoint, text_model=text_model)
+    patches = PatchEncoder(amvlm)
+    grid = tuple(amvlm.image_encoder.grid_size)
+    generator = TextMaskGenerator(patches, grid_size=grid, embed_dim=amvlm.config["embed_dim"],
+                                  num_blocks=num_blocks)
+    tg = TextGuidedLoss(temperature=temperature, extended=extended) if use_tg else None
+    guidance = TextGuidance(amvlm, generator, tg, tg_weight, fusion_lambda, fusion_mode, class_prompts)
+    return guidance.to(device)
+
+
+class MeanTeacherTrainer(SupervisedTrainer):
+    """Semi-supervised trainer: supervised loss on labelled batches, consistency to pseudo labels on unlabelled ones.
+
+    Labelled and unlabelled batches come from two independent loaders. An epoch lasts
+    ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); the unlabelled iterator restarts at
+    every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles.
+    After each step the teacher is an EMA of the student's parameters and buffers (alpha_t = min(1 - 1/(t+1), 0.99)).
+    ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg``.
+
+    Args:
+        device, max_epochs, train_data_loader (labelled: ``image`` (B,C,H,W), ``label`` (B,1,H,W), ``text``),
+            network (the student), optimizer, loss_function (supervised: logits, label -> loss), train_handlers:
+            as for ``SupervisedTrainer``.
+        unlabeled_loader: batches with ``image`` and ``text``; None trains supervised only.
+        teacher: the EMA copy (:func:`~amvlm_monai.engines.ema.make_teacher`); needed with an unlabelled loader.
+        consistency_loss: student logits vs pseudo-label probabilities (e.g. ``ConsistencyLoss``).
+        consistency_max: w_max of the ramp-up; rampup_epochs: its length in epochs.
+        guidance: optional :class:`TextGuidance`.
+        multiclass: softmax outputs (one-hot labels built from index labels) instead of sigmoid.
+        ema_max_alpha: the teacher's EMA ceiling (0.99).
+        amp, grad_clip: see :class:`~amvlm_monai.engines.step.OptimStep`.
+    """
+
+    def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Iterable,
+                 network: nn.Module, optimizer: torch.optim.Optimizer, loss_function: Callable,
+                 unlabeled_loader: Optional[Iterable] = None, teacher: Optional[nn.Module] = None,
+                 consistency_loss: Optional[Callable] = None, consistency_max: float = 1.0,
+                 rampup_epochs: float = 10.0, guidance: Optional[TextGuidance] = None, multiclass: bool = False,
+                 ema_max_alpha: float = 0.99, epoch_length: Optional[int] = None,
+                 train_handlers: Optional[Sequence] = None, amp: bool = False, grad_clip: Optional[float] = None,
+                 **kwargs: Any) -> None:
+        if unlabeled_loader is not None and (teacher is None or consistency_loss is None):
+            raise ValueError("an unlabeled_loader needs a teacher and a consistency_loss.")
+        if guidance is not None and unlabeled_loader is None:
+            raise ValueError("text guidance refines pseudo labels: it needs an unlabeled_loader.")
+        if epoch_length is None and unlabeled_loader is not None:
+            epoch_length = max(len(train_data_loader), len(unlabeled_loader))  # type: ignore[arg-type]
+        device = torch.device(device)
+        super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
+                         network=network, optimizer=optimizer, loss_function=loss_function,
+                         epoch_length=epoch_length, train_handlers=train_handlers, amp=False, decollate=False,
+                         **kwargs)
+        self.unlabeled_loader = unlabeled_loader
+        self.teacher = teacher
+        self.consistency_loss = consistency_loss
+        self.consistency_max = consistency_max
+        self.rampup_epochs = rampup_epochs
+        self.guidance = guidance
+        self.multiclass = multiclass
+        self.ema_max_alpha = ema_max_alpha
+        self.use_amp = amp
+        params = list(network.parameters()) + (list(guidance.parameters()) if guidance is not None else [])
+        self.step = OptimStep(optimizer, params, device, amp=amp, grad_clip=grad_clip)
+        self._unlabeled_iter = None
+        if unlabeled_loader is not None:
+            self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
+
+    def _restart_unlabeled(self, engine: "MeanTeacherTrainer") -> None:
+        self._unlabeled_iter = iter(self.unlabeled_loader)
+
+    def _next_unlabeled(self) -> dict:
+        try:
+            return next(self._unlabeled_iter)
+        except (StopIteration, TypeError):  # exhausted mid-epoch (epoch_length given) or not started
+            self._restart_unlabeled(self)
+            return next(self._unlabeled_iter)
+
+    def _targets(self, label: torch.Tensor, channels: int) -> torch.Tensor:
+        if not self.multiclass:
+            return label.float()
+        return F.one_hot(label[:, 0].long(), channels).movedim(-1, 1).float()
+
+    def _iteration(self, engine: "MeanTeacherTrainer", batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device = engine.state.device
+        x_l = batchdata["image"].to(device)
+        y_l = batchdata["label"].to(device)
+        n_l = x_l.shape[0]
+        unl = engine._next_unlabeled() if engine.unlabeled_loader is not None else None
+        x_all = x_l if unl is None else torch.cat([x_l, unl["image"].to(device)])
+        engine.network.train()
+        if engine.guidance is not None:
+            engine.guidance.train()
+        terms: dict[str, torch.Tensor] = {}
+        with autocast(device, engine.use_amp):
+            logits = engine.network(x_all)
+            terms["sup"] = engine.loss_function(logits[:n_l], engine._targets(y_l, logits.shape[1])).mean()
+            loss = terms["sup"]
+            if unl is not None:
+                x_u, logits_u = x_all[n_l:], logits[n_l:]
+                with torch.no_grad():
+                    engine.teacher.eval()
+                    teacher_logits = engine.teacher(x_u).float()
+                if engine.guidance is not None:
+                    texts = list(batchdata["text"]) + list(unl["text"])
+                    masks, tg = engine.guidance(x_all, texts)
+                    pseudo = engine.guidance.fuse(teacher_logits, masks[n_l:].float(), engine.multiclass)
+                    if tg is not None:
+                        terms["tg"] = tg
+                        loss = loss + engine.guidance.tg_weight * tg
+                else:
+                    pseudo = torch.softmax(teacher_logits, 1) if engine.multiclass else torch.sigmoid(teacher_logits)
+                weight = consistency_weight(engine.state.epoch - 1, engine.consistency_max, engine.rampup_epochs)
+                terms["consistency"] = engine.consistency_loss(logits_u.float(), pseudo.detach()).mean()
+                terms["consistency_weight"] = torch.tensor(float(weight))
+                loss = loss + weight * terms["consistency"]
+        terms["loss"] = loss
+        check_finite(terms, batch_names(batchdata))
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.step(loss)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if engine.teacher is not None:
+            student = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
+            ema_update(engine.teacher, student, engine.state.iteration, engine.ema_max_alpha)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        engine.state.output = scalars(terms)
+        return engine.state.output

@@ -1,0 +1,214 @@
+"""The AMVLM model: encoders, projection heads, momentum copies, cross-attention and PDT heads.
+
+Checkpoint layout (what ``pretraining`` saves and stage 2 loads, see :func:`load_amvlm`): a dict with
+``"model"`` (this module's ``state_dict``), ``"config"`` (the constructor arguments, so that the model is rebuilt
+without the pretraining config) and ``"optimizer"``. Sub-module names inside ``"model"``:
+``image_encoder``, ``text_encoder``, ``image_global``, ``image_local``, ``text_global``, ``text_local``,
+``pdt_image``, ``pdt_text``, ``pdt_attended``, ``attend_words`` (patches attend over words),
+``attend_patches`` (words attend over patches), and the ``momentum_*`` copies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amvlm_monai.networks.cross_attention import CrossAttention
+from amvlm_monai.networks.heads import GlobalHead, LocalHead
+from amvlm_monai.networks.momentum import momentum_copy, momentum_update
+from amvlm_monai.networks.outputs import TokenOutput
+from amvlm_monai.networks.pdt import PDT
+from amvlm_monai.networks.text import TextEncoder
+from amvlm_monai.networks.vit import ViTEncoder
+
+__all__ = ["AMVLM", "build_amvlm", "load_amvlm", "PRESETS"]
+
+# Architecture presets: the paper's (ViT-B/16 at 224 px, 6-layer BERT, D = 128) and a small one for CPU demos.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(image_size=224, patch_size=16, vit_width=768, vit_depth=12, vit_heads=12, vit_mlp=3072,
+                  text_layers=6, max_words=20, embed_dim=128, head_hidden=2048),
+    "small": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=256,
+                  text_layers=2, max_words=24, embed_dim=64, head_hidden=256),
+}
+
+
+class AMVLM(nn.Module):
+    """Image and text towers with the pieces the stage-1 losses need.
+
+    Args:
+        image_size: input side (square) or (H, W).
+        in_channels: image channels (1 for grey-scale medical images).
+        patch_size, vit_width, vit_depth, vit_heads, vit_mlp: the ViT image encoder.
+        text_model: a local BERT-family folder; None = the packaged all-MiniLM-L6-v2.
+        text_layers: keep the first N layers of the text encoder (None keeps all; the paper uses 6).
+        max_words: tokenizer length limit (the paper: 20).
+        embed_dim: D, the joint embedding width (paper: 128).
+        head_hidden: hidden width of the projection heads (paper: 2048).
+        momentum: EMA factor of the momentum copies used for the ICL view (0.995).
+        qkv_projections: Q/K/V projections in the CSS cross-attention (False: the authors' projection-free form).
+        pdt_heads: attention heads of the PDT.
+        with_momentum: build the momentum copies (not needed when ICL is off, or in stage 2).
+    """
+
+    def __init__(self, image_size: int | Sequence[int] = 224, in_channels: int = 1, patch_size: int = 16,
+                 vit_width: int = 768, vit_depth: int = 12, vit_heads: int = 12, vit_mlp: int = 3072,
+                 text_model: Optional[str] = None, text_layers: Optional[int] = 6, max_words: int = 20,
+                 embed_dim: int = 128, head_hidden: int = 2048, momentum: float = 0.995,
+                 qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        if embed_dim % pdt_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by pdt_heads ({pdt_heads}).")
+        self.config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
+                           vit_width=vit_width, vit_depth=vit_depth, vit_heads=vit_heads, vit_mlp=vit_mlp,
+                           text_model=None if text_model is None else os.fspath(text_model),
+                           text_layers=text_layers, max_words=max_words, embed_dim=embed_dim,
+                           head_hidden=head_hidden, momentum=momentum, qkv_projections=qkv_projections,
+                           pdt_heads=pdt_heads, with_momentum=with_momentum)
+        self.momentum = momentum
+        self.image_encoder = ViTEncoder(img_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                                        hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
+                                        mlp_dim=vit_mlp)
+        self.text_encoder = TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers)
+        d_img, d_txt = vit_width, self.text_encoder.hidden_size
+        self.image_global = GlobalHead(d_img, embed_dim, head_hidden)
+        self.image_local = LocalHead(d_img, embed_dim, head_hidden)
+        self.text_global = GlobalHead(d_txt, embed_dim, head_hidden)
+        self.text_local = LocalHead(d_txt, embed_dim, head_hidden)
+        self.attend_words = CrossAttention(embed_dim, qkv_projections=qkv_projections)
+        self.attend_patches = CrossAttention(embed_dim, qkv_projections=qkv_projections)
+        self.pdt_image = PDT(embed_dim, num_heads=pdt_heads)
+        self.pdt_text = PDT(embed_dim, num_heads=pdt_heads)
+        self.pdt_attended = PDT(embed_dim, num_heads=pdt_heads)
+        self.with_momentum = with_momentum
+        if with_momentum:
+            self.momentum_image_encoder = momentum_copy(self.image_encoder)
+            self.momentum_image_global = momentum_copy(self.image_global)
+            self.momentum_image_local = momentum_copy(self.image_local)
+            self.momentum_text_encoder = momentum_copy(self.text_encoder)
+            self.momentum_text_global = momentum_copy(self.text_global)
+            self.momentum_text_local = momentum_copy(self.text_local)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "AMVLM":
+        """Build from :data:`PRESETS` (``"paper"`` or ``"small"``), any argument overridable."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset '{name}'; choose from {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ---- encoding -------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Reports -> ``input_ids``, ``attention_mask``, ``word_index``, each (B, L), on ``device``."""
+        tokens = self.text_encoder.tokenize(list(texts))
+        return {k: v.to(device) for k, v in tokens.items()} if device is not None else tokens
+
+    @staticmethod
+    def _project(out: TokenOutput, global_head: nn.Module, local_head: nn.Module) -> TokenOutput:
+        return TokenOutput(cls=global_head(out.cls), tokens=local_head(out.tokens, out.mask), mask=out.mask,
+                           attn=out.attn)
+
+    def encode_image(self, images: torch.Tensor) -> TokenOutput:
+        """(B, C, H, W) -> projected, L2-normalised CLS (B, D) and patches (B, P, D)."""
+        return self._project(self.image_encoder(images), self.image_global, self.image_local)
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> TokenOutput:
+        """Tokenised reports -> projected, L2-normalised CLS (B, D) and words (B, W, D) with their mask."""
+        return self._project(self.text_encoder(**tokens), self.text_global, self.text_local)
+
+    @torch.no_grad()
+    def momentum_encode_image(self, images: torch.Tensor) -> TokenOutput:
+        """The momentum copies' view of (augmented) images; no gradient."""
+        self._require_momentum()
+        return self._project(self.momentum_image_encoder(images), self.momentum_image_global,
+                             self.momentum_image_local)
+
+    @torch.no_grad()
+    def momentum_encode_text(self, tokens: dict[str, torch.Tensor]) -> TokenOutput:
+        """The momentum copies' view of (augmented) reports; no gradient."""
+        self._require_momentum()
+        return self._project(self.momentum_text_encoder(**tokens), self.momentum_text_global,
+                             self.momentum_text_local)
+
+    def _require_momentum(self) -> None:
+        if not self.with_momentum:
+            raise RuntimeError("this AMVLM was built with with_momentum=False; the ICL view needs the momentum copies.")
+
+    @torch.no_grad()
+    def update_momentum(self) -> None:
+        """EMA step of every momentum copy towards its online module (m = ``self.momentum``)."""
+        if not self.with_momentum:
+            return
+        for name in ("image_encoder", "image_global", "image_local", "text_encoder", "text_global", "text_local"):
+            momentum_update(getattr(self, f"momentum_{name}"), getattr(self, name), self.momentum)
+
+    def cross_attend(self, img: TokenOutput, txt: TokenOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bidirectional cross-attention inside each pair.
+
+        Returns:
+            att_words (B, P, D): for each patch, the attended (normalised) mix of its report's words.
+            att_patches (B, W, D): for each word, the attended mix of its image's patches (zeros on padding).
+        """
+        att_words = F.normalize(self.attend_words(img.tokens, txt.tokens, txt.mask), dim=-1)
+        att_patches = F.normalize(self.attend_patches(txt.tokens, img.tokens, img.mask), dim=-1)
+        return att_words, att_patches * txt.mask.unsqueeze(-1)
+
+    def distributions(self, img: TokenOutput, txt: TokenOutput, att_words: torch.Tensor,
+                      att_patches: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """PDT (mu, sigma) of the four token sets, keyed as :class:`~amvlm_monai.losses.css.CSSLoss` expects."""
+        return {
+            "patches": self.pdt_image(img.tokens, img.mask),
+            "att_words": self.pdt_attended(att_words, img.mask),
+            "words": self.pdt_text(txt.tokens, txt.mask),
+            "att_patches": self.pdt_attended(att_patches, txt.mask),
+        }
+
+    # ---- stage-2 helpers ------------------------------------------------------------------------------------
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised patch embeddings (B, P, D), the text mask generator's input."""
+        return self.encode_image(images).tokens
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """Reports -> normalised global text embeddings (N, D)."""
+        device = next(self.text_global.parameters()).device
+        return self.encode_text(self.tokenize(texts, device)).cls
+
+
+def build_amvlm(preset: str = "paper", **overrides: Any) -> AMVLM:
+    """An AMVLM from a preset name (``"paper"`` or ``"small"``) with any argument overridden (config-friendly)."""
+    return AMVLM.from_preset(preset, **overrides)
+
+
+def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu", with_momentum: bool = False,
+               text_model: Optional[str] = None) -> AMVLM:
+    """Rebuild a pretrained AMVLM from a stage-1 checkpoint (see the module docstring for its keys).
+
+    Args:
+        path: the checkpoint file.
+        with_momentum: keep the momentum copies (stage 2 does not need them).
+        text_model: override the text model folder recorded in the checkpoint (e.g. when it moved); the
+            architecture must be the same, the weights come from the checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not an AMVLM stage-1 checkpoint (needs keys 'model' and 'config', found {keys}).")
+    config = dict(ckpt["config"], with_momentum=with_momentum)
+    if text_model is not None:
+        config["text_model"] = text_model
+    model = AMVLM(**config)
+    state = ckpt["model"]
+    if not with_momentum:
+        state = {k: v for k, v in state.items() if not k.startswith("momentum_")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}.")
+    return model

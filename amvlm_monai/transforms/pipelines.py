@@ -1,0 +1,115 @@
+"""Transform chains for the two stages, built from MONAI transforms.
+
+All chains read a datalist item ``{"image": path, "label": path, "text": str}``. Images become one channel, are resized
+to ``image_size`` and scaled to [0, 1], then normalised to [-1, 1]. Geometric augmentation is used only for the ICL
+image view: flipping or rotating an image would contradict the left/right and upper/lower words of its report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from monai.transforms import (
+    Compose,
+    CopyItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandRotate90d,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+)
+
+from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, TextViewd, ToGrayscaled
+
+__all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms"]
+
+
+def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # type: ignore[return-value]
+
+
+def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label_key: str | None = None) -> list:
+    """Load, one channel, resize (labels nearest), intensity to [0, 1]; labels binarised."""
+    keys = list(keys)
+    img_keys = [k for k in keys if k != label_key]
+    modes = ["bilinear" if k != label_key else "nearest" for k in keys]
+    chain = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        ToGrayscaled(keys=img_keys),
+    ]
+    if label_key is not None:
+        chain.append(BinarizeLabeld(keys=label_key))
+    chain += [
+        Resized(keys=keys, spatial_size=_size(image_size), mode=modes),
+        ScaleIntensityd(keys=img_keys, minv=0.0, maxv=1.0),
+    ]
+    return chain
+
+
+def _normalise(keys: Sequence[str]) -> NormalizeIntensityd:
+    return NormalizeIntensityd(keys=list(keys), subtrahend=0.5, divisor=0.5)
+
+
+def pretrain_transforms(image_size: int | Sequence[int] = 224, drop_prob: float = 0.1, rotate_degrees: float = 20.0,
+                        augment: bool = True) -> Compose:
+    """Stage 1: image, its augmented view ``image_aug``, the report ``text`` and its view ``text_aug``.
+
+    The view is augmented in [0, 1] intensity space, before normalisation (the authors' code cast it to uint8 there).
+
+    Args:
+        image_size: square size or (H, W).
+        drop_prob: word-drop probability of the text view.
+        rotate_degrees: the view's random rotation range, +- degrees.
+        augment: False gives identical views (for evaluation and deterministic tests).
+    """
+    chain = [CheckTextd(keys="text")] + load_image_chain(["image"], image_size)
+    chain.append(CopyItemsd(keys=["image", "text"], times=1, names=["image_aug", "text_aug"]))
+    if augment:
+        rad = math.radians(rotate_degrees)
+        chain += [
+            RandRotate90d(keys="image_aug", prob=0.5),
+            RandFlipd(keys="image_aug", prob=0.5, spatial_axis=0),
+            RandFlipd(keys="image_aug", prob=0.5, spatial_axis=1),
+            RandRotated(keys="image_aug", range_x=rad, prob=0.5, padding_mode="border"),
+            RandScaleIntensityd(keys="image_aug", factors=0.2, prob=0.8),
+            RandShiftIntensityd(keys="image_aug", offsets=0.1, prob=0.8),
+            RandAdjustContrastd(keys="image_aug", gamma=(0.7, 1.5), prob=0.5),
+            ScaleIntensityRanged(keys="image_aug", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+            TextViewd(keys="text", out_keys="text_aug", drop_prob=drop_prob),
+        ]
+    chain += [_normalise(["image", "image_aug"]), EnsureTyped(keys=["image", "image_aug"], track_meta=False)]
+    return Compose(chain)
+
+
+def segmentation_transforms(image_size: int | Sequence[int] = 224, labeled: bool = True, augment: bool = False,
+                            with_text: bool = True) -> Compose:
+    """Stage 2 and evaluation: ``image`` (1,H,W) in [-1, 1], ``label`` (1,H,W) in {0,1} when ``labeled``, ``text``.
+
+    ``augment`` adds intensity-only augmentation (no flips or rotations, which would contradict the report).
+    """
+    keys = ["image", "label"] if labeled else ["image"]
+    chain = [CheckTextd(keys="text")] if with_text else []
+    chain += load_image_chain(keys, image_size, label_key="label" if labeled else None)
+    if augment:
+        chain += [
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        ]
+    chain += [_normalise(["image"]), EnsureTyped(keys=keys, track_meta=not augment)]
+    return Compose(chain)
+
+
+def inference_transforms(image_size: int | Sequence[int] = 224) -> Compose:
+    """Images only; metadata kept so that predictions can be inverted to the input's size and written."""
+    return Compose(load_image_chain(["image"], image_size) + [_normalise(["image"]),
+                                                             EnsureTyped(keys="image", track_meta=True)])
