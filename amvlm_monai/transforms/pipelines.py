@@ -30,7 +30,8 @@ from monai.transforms import (
 
 from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, TextViewd, ToGrayscaled
 
-__all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms"]
+__all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms",
+           "mask_postprocessing"]
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -113,3 +114,22 @@ def inference_transforms(image_size: int | Sequence[int] = 224) -> Compose:
     """Images only; metadata kept so that predictions can be inverted to the input's size and written."""
     return Compose(load_image_chain(["image"], image_size) + [_normalise(["image"]),
                                                              EnsureTyped(keys="image", track_meta=True)])
+
+
+def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: bool = False, threshold: float = 0.5,
+                        output_ext: str = ".png") -> Compose:
+    """Logits -> masks at the input's size and geometry, written next to nothing but each other in ``output_dir``.
+
+    Binary masks are written 0/255 (PNG) and multi-class label maps as class indices.
+    """
+    from monai.transforms import Activationsd, AsDiscreted, Invertd, SaveImaged
+
+    chain = [
+        Activationsd(keys="pred", softmax=multiclass, sigmoid=not multiclass),
+        AsDiscreted(keys="pred", argmax=multiclass, threshold=None if multiclass else threshold),
+        Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
+        SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask", resample=False,
+                   separate_folder=False, print_log=False, output_dtype="uint8",
+                   scale=None if multiclass else 255),
+    ]
+    return Compose(chain)
