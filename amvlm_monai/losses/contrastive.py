@@ -1,0 +1,293 @@
+"""Contrastive losses: per-row InfoNCE, global image-text contrast (L_ita) and token-to-global contrast (L_local).
+
+All losses take embeddings that are **already L2-normalised** (the heads normalise; a loss never re-normalises), so
+``sim(a, b) = a . b``. Masks are bool with True on real tokens; padded slots never change a result, whatever they hold.
+
+Numerics: every loss here (and in :mod:`~amvlm_monai.losses.css` and :mod:`~amvlm_monai.losses.icl`) runs its
+similarities, softmax and logsumexp in float32 (float64 inputs stay float64) with autocast switched off inside
+(:func:`float32_inputs`), and raises :class:`NonFiniteLossError` naming the loss when the result is NaN or Inf
+(:func:`check_finite`).
+
+Logits follow open_clip's recipe "build logits, build labels, cross-entropy". The global negatives come from
+``_gather``: in this single-process version it is the identity with label offset 0; a distributed version would
+all-gather the other modality there and offset the labels by ``rank * B``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.loss import _Loss
+
+__all__ = [
+    "NonFiniteLossError",
+    "check_finite",
+    "float32_inputs",
+    "info_nce",
+    "ImageTextContrastiveLoss",
+    "LocalGlobalLoss",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class NonFiniteLossError(ValueError, FloatingPointError):
+    """A loss came out NaN or Inf (caught by ``except ValueError`` and ``except FloatingPointError`` alike)."""
+
+
+def check_finite(value: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``value`` unchanged, or raise :class:`NonFiniteLossError` naming ``name`` if any entry is NaN/Inf."""
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise NonFiniteLossError(
+            f"{name}: the loss is not finite ({value.detach().flatten()[:4].tolist()} ...); "
+            "check the inputs for NaN/Inf (embeddings must be finite and L2-normalised)."
+        )
+    return value
+
+
+@contextlib.contextmanager
+def float32_inputs(*tensors: Optional[torch.Tensor]) -> Iterator[tuple]:
+    """Context manager: autocast off, and the given tensors promoted to at least float32 (None passes through).
+
+    Example:
+        >>> with float32_inputs(torch.ones(2, dtype=torch.bfloat16), None) as (a, b):
+        ...     a.dtype, b
+        (torch.float32, None)
+    """
+    dev = next((t.device.type for t in tensors if t is not None), "cpu")
+    out = tuple(None if t is None else t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+    try:
+        ctx = torch.autocast(device_type=dev, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to switch off
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield out
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    """Validate a temperature (a finite number > 0) and return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_choice(value: str, name: str, allowed: tuple) -> str:
+    """Validate a string option against its allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+    return value
+
+
+def check_shape(t: torch.Tensor, name: str, shape: tuple) -> None:
+    """Raise ValueError unless ``t`` is a tensor of ``shape`` (None entries match any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}.")
+
+
+def check_mask(mask: torch.Tensor, name: str, shape: tuple) -> None:
+    """Raise ValueError unless ``mask`` is a bool tensor of ``shape`` (True = real token)."""
+    check_shape(mask, name, shape)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = real token), got dtype {mask.dtype}.")
+
+
+def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim restricted to ``valid`` entries; 0 at invalid entries and in rows with none.
+
+    Never produces NaN (forward or backward), whatever the invalid entries hold.
+    """
+    valid = valid.expand_as(logits)
+    has_any = valid.any(-1, keepdim=True)
+    x = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
+    x = torch.where(has_any, x, torch.zeros_like(x))
+    logp = torch.log_softmax(x, dim=-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def info_nce(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row InfoNCE: the cross-entropy of each row of ``logits`` against its target column.
+
+    Args:
+        logits: ``(N, M)`` scores (already divided by the temperature).
+        targets: ``(N,)`` long column indices; default ``arange(N)`` (the diagonal, needs ``N <= M``).
+
+    Returns:
+        ``(N,)`` per-row losses ``-log softmax(logits[n])[targets[n]]``, computed in float32 (or float64).
+
+    Example:
+        >>> info_nce(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).shape
+        torch.Size([2])
+    """
+    check_shape(logits, "logits", (None, None))
+    n, m = logits.shape
+    if targets is None:
+        if n > m:
+            raise ValueError(f"logits of shape {(n, m)}: the default diagonal targets need N <= M; pass targets.")
+        targets = torch.arange(n, device=logits.device)
+    else:
+        check_shape(targets, "targets", (n,))
+    with float32_inputs(logits) as (x,):
+        return F.cross_entropy(x, targets.long(), reduction="none")
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+class ImageTextContrastiveLoss(_Loss):
+    """L_ita: symmetric InfoNCE between image and report CLS embeddings (CLIP / MGCA's global loss).
+
+    ``S = img @ txt.T / tau``; ``L = (CE(S, I) + CE(S^T, I)) / 2``.
+
+    Args:
+        temperature: tau (> 0), default 0.07.
+        reduction: "mean" | "sum" | "none" (per-sample ``(CE_i2t[i] + CE_t2i[i]) / 2``, shape ``(B,)``).
+    """
+
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean") -> None:
+        check_choice(reduction, "reduction", _REDUCTIONS)
+        super().__init__(reduction=reduction)
+        self.temperature = check_temperature(temperature)
+
+    def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Negatives from every process and the label offset of this one (single process: ``(x, 0)``)."""
+        return x, 0
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            img: ``(B, D)`` L2-normalised image CLS embeddings.
+            txt: ``(B, D)`` L2-normalised report CLS embeddings; row i is paired with ``img[i]``.
+
+        Returns:
+            scalar (``"mean"``/``"sum"``) or ``(B,)`` (``"none"``).
+
+        Example:
+            >>> x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+            >>> ImageTextContrastiveLoss()(x, x).shape
+            torch.Size([])
+        """
+        check_shape(img, "img", (None, None))
+        check_shape(txt, "txt", tuple(img.shape))
+        with float32_inputs(img, txt) as (img, txt):
+            all_txt, offset = self._gather(txt)
+            all_img, _ = self._gather(img)
+            labels = torch.arange(img.shape[0], device=img.device) + offset
+            i2t = info_nce(img @ all_txt.T / self.temperature, labels)
+            t2i = info_nce(txt @ all_img.T / self.temperature, labels)
+            loss = _reduce((i2t + t2i) / 2, self.reduction)
+        return check_finite(loss, type(self).__name__)
+
+
+def variance_weights(sim: torch.Tensor, mask: torch.Tensor, positives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Uncertainty weights of L_local from token-to-global similarities (detached, in [0, 1]).
+
+    Args:
+        sim: ``(B, N, M)`` ``sim[i, n, j]`` = similarity of token n of sample i to global embedding j.
+        mask: ``(B, N)`` bool, real tokens.
+        positives: ``(B,)`` column of each sample's own global embedding; default ``arange(B)``.
+
+    Returns:
+        ``(B, N)``: ``w[i, n] = var_i_n / max_{n' real} var_i_n'`` where ``var_i_n`` is the population variance over
+        the negatives ``j != positives[i]`` of ``sim[i, n, j]``; 0 on padding. A sample whose variances are all 0
+        (e.g. B <= 2: one negative or none) gets weight 1 on every real token, i.e. the unweighted loss.
+    """
+    b, _, m = sim.shape
+    sim = sim.detach()
+    if positives is None:
+        positives = torch.arange(b, device=sim.device)
+    neg = (torch.arange(m, device=sim.device)[None, :] != positives[:, None])[:, None, :]  # (B, 1, M): j != i
+    n_neg = max(m - 1, 1)
+    mean = torch.where(neg, sim, 0.0).sum(-1, keepdim=True) / n_neg
+    var = torch.where(neg, (sim - mean) ** 2, 0.0).sum(-1) / n_neg  # (B, N)
+    var = torch.where(mask, var, 0.0)
+    vmax = var.amax(dim=1, keepdim=True)
+    flat = vmax <= 1e-12
+    w = var / torch.where(flat, torch.ones_like(vmax), vmax)
+    w = torch.where(flat, torch.ones_like(w), w)
+    return torch.where(mask, w, 0.0)
+
+
+class LocalGlobalLoss(_Loss):
+    """L_local: token-to-global InfoNCE, weighted per token by an uncertainty weight (the authors' code).
+
+    Image direction: for every patch p a ``B x B`` InfoNCE between ``v_i^p`` and all ``t_j^cls`` (target j = i),
+    ``L_img = 1/(B P) sum_{i,p} w_{i,p} CE_{i,p}``. Text direction: the mirror, words ``t_i^w`` against all
+    ``v_j^cls``, ``L_txt = 1/|R| sum_{(i,w) in R} w_{i,w} CE_{i,w}`` with R the real (i, w) pairs (padded slots
+    contribute nothing and do not count). ``L_local = (L_img + L_txt) / 2``.
+
+    Uncertainty weight (the spec leaves the exact form open; this is the definition used here):
+    ``w_{i,n} = Var_{j != i}[sim(x_i^n, g_j)] / max_{n' real} Var_{j != i}[sim(x_i^{n'}, g_j)]``, population
+    variance over the B-1 negatives, computed without gradient (see :func:`variance_weights`). Why: a token whose
+    similarity is the same to every other sample's global embedding (background patches, stop words) cannot tell
+    the reports apart and its InfoNCE is mostly noise, whereas a token whose similarity spreads over the negatives
+    carries sample-specific content whose matching is ambiguous (alignment multiplicity) and deserves the signal.
+    Dividing by the sample's maximum maps the weights to [0, 1] without a free scale, so the most uncertain token of
+    each sample keeps weight 1. The weights are detached so the model cannot lower the loss by flattening its own
+    similarity profile. With B <= 2 there is at most one negative, the variance is 0 and every real token gets 1.
+
+    Args:
+        temperature: tau (> 0), default 0.07.
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+
+    def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Global embeddings from every process and the label offset of this one (single process: ``(x, 0)``)."""
+        return x, 0
+
+    def _direction(self, tokens: torch.Tensor, mask: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
+        all_glob, offset = self._gather(glob)
+        b, n, _ = tokens.shape
+        sim = torch.einsum("bnd,jd->bnj", tokens, all_glob)  # (B, N, B_all)
+        pos = torch.arange(b, device=tokens.device) + offset
+        ce = info_nce(sim.reshape(b * n, -1) / self.temperature, pos.repeat_interleave(n)).reshape(b, n)
+        w = variance_weights(sim, mask, pos)
+        ce = torch.where(mask, ce * w, 0.0)
+        return ce.sum() / mask.sum().clamp_min(1)
+
+    def forward(self, patches: torch.Tensor, img_cls: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
+                txt_cls: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            patches: ``(B, P, D)`` L2-normalised patch embeddings (all real).
+            img_cls: ``(B, D)`` L2-normalised image CLS embeddings.
+            words: ``(B, W, D)`` L2-normalised word embeddings (padded slots may hold anything).
+            word_mask: ``(B, W)`` bool, True on real words.
+            txt_cls: ``(B, D)`` L2-normalised report CLS embeddings.
+
+        Returns:
+            scalar ``(L_img + L_txt) / 2``.
+
+        Example:
+            >>> n = lambda *s: torch.nn.functional.normalize(torch.randn(*s), dim=-1)
+            >>> m = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+            >>> LocalGlobalLoss()(n(3, 4, 8), n(3, 8), n(3, 3, 8), m, n(3, 8)).shape
+            torch.Size([])
+        """
+        check_shape(patches, "patches", (None, None, None))
+        b, _, d = patches.shape
+        check_shape(img_cls, "img_cls", (b, d))
+        check_shape(words, "words", (b, None, d))
+        check_mask(word_mask, "word_mask", tuple(words.shape[:2]))
+        check_shape(txt_cls, "txt_cls", (b, d))
+        with float32_inputs(patches, img_cls, words, txt_cls) as (patches, img_cls, words, txt_cls):
+            words = torch.where(word_mask[..., None], words, 0.0)  # garbage in padding never reaches the graph
+            patch_mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+            l_img = self._direction(patches, patch_mask, txt_cls)
+            l_txt = self._direction(words, word_mask, img_cls)
+            loss = (l_img + l_txt) / 2
+        return check_finite(loss, type(self).__name__)
