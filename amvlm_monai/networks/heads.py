@@ -1,0 +1,98 @@
+"""Projection heads (MGCA's global and local embeddings): encoder width d -> joint space D, L2-normalised."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GlobalHead", "LocalHead"]
+
+
+def _mlp(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}.")
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+        nn.BatchNorm1d(out_dim, affine=False),
+    )
+
+
+class GlobalHead(nn.Module):
+    """Linear -> BN -> ReLU -> Linear -> BN (no affine), then L2 normalisation; for CLS tokens.
+
+    BatchNorm in training mode needs B >= 2.
+
+    Args:
+        in_dim: encoder width d.
+        out_dim: joint embedding width D (paper: 128).
+        hidden_dim: hidden width (paper: 2048).
+
+    Example::
+
+        >>> head = GlobalHead(32, out_dim=8, hidden_dim=16)
+        >>> head(torch.randn(4, 32)).norm(dim=-1)  # all ones
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.mlp = _mlp(in_dim, out_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, d) -> (B, D)``, unit L2 norm per row."""
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"x must have shape (B, {self.in_dim}), got {tuple(x.shape)}.")
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class LocalHead(nn.Module):
+    """The :class:`GlobalHead` MLP applied to every real token (same as MGCA's 1x1 ``Conv1d`` local embedding).
+
+    Real tokens are gathered first, so BatchNorm statistics (training mode) are computed over the real tokens of
+    the whole batch only; padding never influences any output. Padding slots come back as zeros.
+
+    Args:
+        in_dim: encoder width d.
+        out_dim: joint embedding width D (paper: 128).
+        hidden_dim: hidden width (paper: 2048).
+
+    Example::
+
+        >>> head = LocalHead(32, out_dim=8, hidden_dim=16)
+        >>> mask = torch.tensor([[True, True, False], [True, False, False]])
+        >>> y = head(torch.randn(2, 3, 32), mask)  # (2, 3, 8); y[0, 2] == y[1, 1:] == 0
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.mlp = _mlp(in_dim, out_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, N, d)`` tokens.
+            mask: ``(B, N)`` bool, True on real tokens; None = all real.
+
+        Returns:
+            ``(B, N, D)``: unit-norm embeddings on real tokens, zeros on padding.
+        """
+        if x.ndim != 3 or x.shape[2] != self.in_dim:
+            raise ValueError(f"x must have shape (B, N, {self.in_dim}), got {tuple(x.shape)}.")
+        if mask is None:
+            b, n, _ = x.shape
+            return F.normalize(self.mlp(x.reshape(b * n, -1)), dim=-1).reshape(b, n, -1)
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}.")
+        mask = mask.bool()
+        out = x.new_zeros(*x.shape[:2], self.out_dim)
+        if mask.any():
+            out[mask] = F.normalize(self.mlp(x[mask]), dim=-1).to(out.dtype)
+        return out

@@ -1,0 +1,94 @@
+"""Momentum (EMA) copies of encoders and heads, as used for the ICL view in stage 1."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MomentumCopy", "momentum_copy", "momentum_update"]
+
+
+class MomentumCopy(nn.Module):
+    """A frozen deep copy of a module that always stays in eval mode.
+
+    ``train()`` on the copy or on any parent leaves it (and everything inside it) in eval mode, so its
+    dropout is off and its BatchNorm layers use the running statistics that :func:`momentum_update` averages.
+    The forward pass runs without autograd. Attribute access falls through to the wrapped module (e.g.
+    ``copy.hidden_size``, ``copy.tokenize``). In a ``state_dict`` the copy's entries sit under ``module.``.
+
+    Args:
+        module: the online module to copy (it is not modified).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+        if isinstance(module, MomentumCopy):
+            module = module.module
+        self.module = copy.deepcopy(module)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "MomentumCopy":
+        """Ignore ``mode``: a momentum copy is never trained directly."""
+        return super().train(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+
+def momentum_copy(module: nn.Module) -> MomentumCopy:
+    """A :class:`MomentumCopy` of ``module``: deep copy, ``requires_grad=False``, eval mode for good."""
+    return MomentumCopy(module)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, MomentumCopy) else m
+
+
+@torch.no_grad()
+def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995) -> None:
+    """EMA step ``target = m * target + (1 - m) * source`` over parameters **and** floating buffers.
+
+    Integer and bool buffers (e.g. BatchNorm's ``num_batches_tracked``) are copied from ``source``.
+    Either side may be a :class:`MomentumCopy` (its inner module is used).
+
+    Args:
+        target: the momentum copy, updated in place.
+        source: the online module.
+        m: momentum in [0, 1]; 1 keeps the target, 0 copies the source.
+
+    Raises:
+        ValueError: ``m`` outside [0, 1], or the two modules' parameter/buffer names or shapes differ.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"m must be in [0, 1], got {m}.")
+    target, source = _unwrap(target), _unwrap(source)
+    for kind, tgt, src in (("parameter", dict(target.named_parameters()), dict(source.named_parameters())),
+                           ("buffer", dict(target.named_buffers()), dict(source.named_buffers()))):
+        if tgt.keys() != src.keys():
+            diff = sorted(set(tgt) ^ set(src))
+            raise ValueError(f"target and source differ in {kind} names: {diff}.")
+        bad = [k for k in tgt if tgt[k].shape != src[k].shape]
+        if bad:
+            raise ValueError(f"target and source differ in {kind} shapes: {bad}.")
+        for k, t in tgt.items():
+            s = src[k].detach().to(device=t.device, dtype=t.dtype)
+            if t.is_floating_point() or t.is_complex():
+                t.mul_(m).add_(s, alpha=1.0 - m)
+            else:
+                t.copy_(s)
