@@ -168,7 +168,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
 
     Args:
         device, max_epochs, train_data_loader (labelled: ``image`` (B,C,H,W), ``label`` (B,1,H,W), ``text``),
-            network (the student), optimizer, loss_function (supervised: logits, label -> loss), train_handlers:
+            network (the student), optimizer, loss_function (supervised: logits, label -> loss; multi-class labels
+            are class indices (B, 1, H, W)), train_handlers:
             as for ``SupervisedTrainer``.
         unlabeled_loader: batches with ``image`` and ``text``; None trains supervised only.
         teacher: the EMA copy (:func:`~amvlm_monai.engines.ema.make_teacher`); needed with an unlabelled loader.
@@ -224,11 +225,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
             self._restart_unlabeled(self)
             return next(self._unlabeled_iter)
 
-    def _targets(self, label: torch.Tensor, channels: int) -> torch.Tensor:
-        if not self.multiclass:
-            return label.float()
-        return F.one_hot(label[:, 0].long(), channels).movedim(-1, 1).float()
-
     def _iteration(self, engine: "MeanTeacherTrainer", batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -244,7 +240,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         terms: dict[str, torch.Tensor] = {}
         with autocast(device, engine.use_amp):
             logits = engine.network(x_all)
-            terms["sup"] = engine.loss_function(logits[:n_l], engine._targets(y_l, logits.shape[1])).mean()
+            terms["sup"] = engine.loss_function(logits[:n_l], y_l if engine.multiclass else y_l.float()).mean()
             loss = terms["sup"]
             if unl is not None:
                 x_u, logits_u = x_all[n_l:], logits[n_l:]

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny AMVLM on the packaged text model, and a tiny converted demo data set."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = dict(image_size=32, patch_size=8, vit_width=32, vit_depth=1, vit_heads=2, vit_mlp=64, text_layers=1,
+            max_words=24, embed_dim=16, head_hidden=32, pdt_heads=2)
+
+REPORTS = [
+    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
+    "No lesion is visible.",
+    "Unilateral pulmonary infection, one infected area, medium upper right lung.",
+    "Unilateral pulmonary infection, one infected area, small lower left lung.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_amvlm():
+    """A fresh tiny AMVLM (real MiniLM tokenizer and first layer, tiny ViT) with seeded weights."""
+    from amvlm_monai.networks.amvlm import AMVLM
+
+    torch.manual_seed(0)
+    return AMVLM(**TINY)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A converted synthetic QaTa-layout data set (32 px): datalist.json and split files in the returned folder."""
+    from data_prep.demo_data import make_demo_dataset
+    from data_prep.qata import convert_qata
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root / "raw", n_train=16, n_val=4, n_test=4, size=32, seed=0)
+    convert_qata(root / "raw", root / "data", seed=0)
+    return root / "data"

@@ -1,0 +1,158 @@
+"""The AMVLM model, its stage-1 objective and the pretraining engine."""
+
+import math
+
+
+
+import pytest
+import torch
+from ignite.engine import Events
+from conftest import REPORTS, TINY
+
+from amvlm_monai.losses.amvlm import AMVLMLoss
+
+
+def _batch(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 1, 32, 32, generator=g)
+    return x, model.tokenize(REPORTS), x.flip(-1), model.tokenize(REPORTS[::-1])
+
+
+def test_encoders_give_normalised_projected_tokens(tiny_amvlm):
+    x, tok, _, _ = _batch(tiny_amvlm)
+    img, txt = tiny_amvlm.encode_image(x), tiny_amvlm.encode_text(tok)
+    assert img.cls.shape == (4, 16) and img.tokens.shape == (4, 16, 16)
+    assert torch.allclose(img.cls.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(txt.tokens.norm(dim=-1)[txt.mask], torch.ones(int(txt.mask.sum())), atol=1e-5)
+    assert (txt.tokens[~txt.mask] == 0).all()
+    # "No lesion is visible." has 5 words (with the period), the long report more
+    assert txt.mask.sum(1).tolist()[1] == 5 and txt.mask.sum(1)[0] > 10
+
+
+def test_total_loss_is_the_weighted_sum_of_its_terms(tiny_amvlm):
+    loss = AMVLMLoss(ita_weight=1.0, css_weight=0.5, local_weight=0.1, icl_weight=0.1)
+    terms = loss(tiny_amvlm, *_batch(tiny_amvlm))
+    expected = terms["ita"] + 0.5 * terms["css"] + 0.1 * terms["local"] + 0.1 * terms["icl"]
+    assert math.isclose(float(terms["loss"]), float(expected), rel_tol=1e-6)
+    parts = [terms[f"icl_{k}"] for k in ("coarse_image", "coarse_text", "fine_image", "fine_text")]
+    assert math.isclose(float(terms["icl"]), float(sum(parts) / 4), rel_tol=1e-5)
+
+
+def test_gradients_reach_exactly_the_trainable_parts(tiny_amvlm):
+    terms = AMVLMLoss()(tiny_amvlm, *_batch(tiny_amvlm))
+    terms["loss"].backward()
+    named = dict(tiny_amvlm.named_parameters())
+    momentum = [n for n in named if n.startswith("momentum_")]
+    assert momentum and all(named[n].grad is None for n in momentum)
+    assert all(not named[n].requires_grad for n in momentum)
+    missing = [n for n, p in named.items() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("off, idle", [
+    ("css_weight", ("attend_words", "attend_patches", "pdt_")),
+    ("icl_weight", ()),
+    ("local_weight", ()),
+])
+def test_a_zero_weight_skips_its_term(tiny_amvlm, off, idle, monkeypatch):
+    loss = AMVLMLoss(**{off: 0.0})
+    calls = []
+    if off == "icl_weight":
+        monkeypatch.setattr(tiny_amvlm, "momentum_encode_image", lambda *a: calls.append(1))
+    terms = loss(tiny_amvlm, *_batch(tiny_amvlm))
+    assert off.split("_")[0] not in terms and not calls
+    terms["loss"].backward()
+    for name, p in tiny_amvlm.named_parameters():
+        if name.startswith(idle) if idle else False:
+            assert p.grad is None, name
+
+
+def test_pdt_mode_none_leaves_the_pdt_untrained(tiny_amvlm):
+    terms = AMVLMLoss(pdt_mode="none")(tiny_amvlm, *_batch(tiny_amvlm))
+    terms["loss"].backward()
+    assert all(p.grad is None for n, p in tiny_amvlm.named_parameters() if n.startswith("pdt_"))
+    modulated = AMVLMLoss()(tiny_amvlm, *_batch(tiny_amvlm))
+    assert not math.isclose(float(terms["css"]), float(modulated["css"]), rel_tol=1e-4)
+
+
+def test_icl_needs_views_and_options_are_validated(tiny_amvlm):
+    x, tok, _, _ = _batch(tiny_amvlm)
+    with pytest.raises(ValueError, match="images_aug"):
+        AMVLMLoss()(tiny_amvlm, x, tok)
+    with pytest.raises(ValueError, match="css_weight"):
+        AMVLMLoss(css_weight=-1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        AMVLMLoss(0, 0, 0, 0)
+
+
+def test_momentum_copies_follow_the_online_encoders(tiny_amvlm):
+    m = tiny_amvlm
+    with torch.no_grad():
+        for p in m.image_global.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in m.momentum_image_global.parameters()]
+    m.update_momentum()
+    for b, p, q in zip(before, m.momentum_image_global.parameters(), m.image_global.parameters()):
+        assert torch.allclose(p, 0.995 * b + 0.005 * q, atol=1e-6)
+    m.train()
+    assert not m.momentum_image_encoder.training
+
+
+def test_checkpoint_round_trip_rebuilds_without_config(tiny_amvlm, tmp_path):
+    from amvlm_monai.networks.amvlm import load_amvlm
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": tiny_amvlm.state_dict(), "config": tiny_amvlm.config}, path)
+    loaded = load_amvlm(path)
+    x = torch.randn(2, 1, 32, 32)
+    tiny_amvlm.eval(), loaded.eval()
+    assert torch.allclose(loaded.patch_embeddings(x), tiny_amvlm.patch_embeddings(x), atol=1e-6)
+    assert torch.allclose(loaded.text_embeddings(REPORTS[:2]), tiny_amvlm.text_embeddings(REPORTS[:2]), atol=1e-6)
+    assert not loaded.with_momentum
+    torch.save({"weights": {}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt.*'model' and 'config'"):
+        load_amvlm(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_amvlm(tmp_path / "missing.pt")
+
+
+def test_pretrainer_trains_logs_every_term_and_saves(tiny_amvlm, demo_data, tmp_path):
+    from monai.data import DataLoader, Dataset
+
+    from amvlm_monai.data.datalist import load_datalist
+    from amvlm_monai.engines.pretrainer import AMVLMPretrainer
+    from amvlm_monai.engines.step import trainable_parameters
+    from amvlm_monai.handlers import SavePretrained
+    from amvlm_monai.networks.amvlm import load_amvlm
+    from amvlm_monai.transforms.pipelines import pretrain_transforms
+
+    items = load_datalist(demo_data / "datalist.json", "training")
+    loader = DataLoader(Dataset(items, pretrain_transforms(32)), batch_size=4, shuffle=True, drop_last=True)
+    opt = torch.optim.Adam(trainable_parameters([tiny_amvlm]), lr=1e-3)
+    before = tiny_amvlm.image_global.net[0].weight.clone() if hasattr(tiny_amvlm.image_global, "net") else \
+        next(tiny_amvlm.image_global.parameters()).clone()
+    ckpt = tmp_path / "models" / "amvlm.pt"
+    outputs = []
+    trainer = AMVLMPretrainer("cpu", 2, loader, tiny_amvlm, opt, AMVLMLoss(), epoch_length=2,
+                              train_handlers=[SavePretrained(str(ckpt), tiny_amvlm, opt)])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    trainer.run()
+    assert len(outputs) == 4
+    assert {"loss", "ita", "css", "local", "icl", "icl_fine_text"} <= set(outputs[0])
+    assert all(math.isfinite(o["loss"]) for o in outputs)
+    after = next(tiny_amvlm.image_global.parameters())
+    assert not torch.equal(before, after)
+    saved = torch.load(ckpt, weights_only=False)
+    assert set(saved) == {"model", "config", "optimizer", "epoch"} and saved["epoch"] == 2
+    assert load_amvlm(ckpt).config["embed_dim"] == TINY["embed_dim"]
+
+
+def test_pretrainer_stops_on_non_finite_loss_naming_the_batch(tiny_amvlm):
+    from amvlm_monai.engines.pretrainer import AMVLMPretrainer
+
+    x = torch.full((4, 1, 32, 32), float("nan"))
+    batch = {"image": x, "image_aug": x, "text": REPORTS, "text_aug": REPORTS, "id": ["a", "b", "c", "d"]}
+    opt = torch.optim.SGD(tiny_amvlm.parameters(), lr=0.1)
+    trainer = AMVLMPretrainer("cpu", 1, [batch], tiny_amvlm, opt, AMVLMLoss())
+    with pytest.raises((FloatingPointError, ValueError), match="(?i)non-finite|not finite"):
+        trainer.run()
