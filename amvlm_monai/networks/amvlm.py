@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(image_size=224, patch_size=16, vit_width=768, vit_depth=12, vit_heads=12, vit_mlp=3072,
                   text_layers=6, max_words=20, embed_dim=128, head_hidden=2048),
     "small": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=256,
-                  text_layers=2, max_words=24, embed_dim=64, head_hidden=256),
+                  text_layers=2, max_words=40, embed_dim=64, head_hidden=256),
 }
 
 

@@ -1,0 +1,130 @@
+"""The bundle as a user runs it: metadata schema, network checks, export, and every workflow end to end."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").exists())
+SCHEMA = Path(__file__).parent / "data" / "meta_schema_20240725.json"
+QATA = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
+TINY_OVERRIDES = {"preset": "small", "image_size": 32, "unet_size": None, "batch_size": 4,
+                  "unlabeled_batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1, "cache_rate": 0.0}
+PRETRAIN_TINY = {"image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1,
+                 "cache_rate": 0.0, "network_def#patch_size": 8, "network_def#vit_width": 32,
+                 "network_def#vit_depth": 1, "network_def#vit_heads": 2, "network_def#vit_mlp": 64,
+                 "network_def#text_layers": 1, "network_def#embed_dim": 16, "network_def#head_hidden": 32,
+                 "network_def#pdt_heads": 2}
+
+
+def _configs(bundle, *names):
+    return [str(bundle / "configs" / n) for n in names]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_metadata_passes_the_schema_and_files_are_present(bundle):
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+    for name in ("LICENSE", "docs/README.md", "docs/data_license.txt", "configs/logging.conf",
+                 "configs/train.json", "configs/evaluate.json", "configs/inference.json",
+                 "configs/multi_gpu_train.json", "configs/pretrain.json"):
+        assert (bundle / name).is_file(), name
+    readme = (bundle / "docs" / "README.md").read_text().lower()
+    for section in ("description", "data", "preprocessing", "performance", "usage", "system configuration",
+                    "limitations", "citation"):
+        assert f"# {section}" in readme or f"## {section}" in readme, section
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_network_def_in_out_and_export(bundle, tmp_path):
+    from monai.bundle import ckpt_export, verify_net_in_out
+    from monai.bundle.config_parser import ConfigParser
+
+    train = str(bundle / "configs" / "train.json")
+    meta = str(bundle / "configs" / "metadata.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=train, n=1, any=8)
+    parser = ConfigParser()
+    parser.read_config(train)
+    net = parser.get_parsed_content("network_def")
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    out = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(out), ckpt_file=str(ckpt), meta_file=meta, config_file=train)
+    scripted = torch.jit.load(str(out))
+    x = torch.randn(1, 1, 64, 64)
+    net.eval()
+    assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("bundle") / QATA.name
+    shutil.copytree(QATA, dst, ignore=shutil.ignore_patterns("models", "eval", "predictions"))
+    return dst
+
+
+def _run(bundle, run_id, configs, **overrides):
+    from monai.bundle import run
+
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    try:
+        run(run_id=run_id, config_file=_configs(bundle, *configs), meta_file=str(bundle / "configs/metadata.json"),
+            logging_file=str(bundle / "configs/logging.conf"), bundle_root=str(bundle), **overrides)
+    finally:
+        os.chdir(cwd)
+
+
+def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_path):
+    from amvlm_monai.networks.amvlm import load_amvlm
+    from amvlm_monai.metrics import read_scores_csv
+
+    models = bundle_copy / "models"
+    _run(bundle_copy, "pretraining", ["pretrain.json"], dataset_dir=str(demo_data), **PRETRAIN_TINY)
+    stage1 = load_amvlm(models / "amvlm_pretrained.pt")
+    assert stage1.config["embed_dim"] == 16
+
+    _run(bundle_copy, "training", ["train.json"], dataset_dir=str(demo_data), **TINY_OVERRIDES)
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # a plain state dict of network_def
+
+    _run(bundle_copy, "evaluating", ["train.json", "evaluate.json"], dataset_dir=str(demo_data), **TINY_OVERRIDES)
+    scores = read_scores_csv(bundle_copy / "eval" / "scores_test.csv")
+    n_test = len(json.loads((demo_data / "split_labeled25.json").read_text())["test"])
+    assert len(scores["ids"]) == n_test and len(set(scores["ids"])) == n_test
+    assert all(0.0 <= d <= 1.0 for d in scores["dice"])
+
+    images = sorted((demo_data.parent / "raw" / "Test_Folder" / "img").glob("*.png"))
+    out_dir = tmp_path / "pred"
+    _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(images[0].parent), output_masks_dir=str(out_dir),
+         image_size=32, unet_size=None, num_workers=0)
+    from PIL import Image
+
+    written = sorted(out_dir.glob("*.png"))
+    assert len(written) == len(images)
+    src, pred = Image.open(images[0]), Image.open(written[0])
+    assert pred.size == src.size and set(pred.getdata()) <= {0, 255}
+
+
+@pytest.mark.parametrize("variant", ["supervised", "mean_teacher"])
+def test_variants_train(bundle_copy, demo_data, variant, tmp_path):
+    _run(bundle_copy, "training", ["train.json", f"variants/{variant}.json"], dataset_dir=str(demo_data),
+         ckpt_dir=str(tmp_path), **TINY_OVERRIDES)
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_inference_on_an_empty_folder_names_it(bundle_copy, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("no images found in" in c and "empty" in c for c in chain), chain

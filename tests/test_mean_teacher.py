@@ -1,0 +1,135 @@
+"""The stage-2 trainer: loaders, EMA teacher, text guidance with cached text features, variants."""
+
+import math
+
+import pytest
+import torch
+from conftest import REPORTS
+from ignite.engine import Events
+
+from amvlm_monai.engines.ema import make_teacher
+from amvlm_monai.engines.mean_teacher import MeanTeacherTrainer, build_text_guidance
+from amvlm_monai.engines.step import trainable_parameters
+from amvlm_monai.losses.semi import ConsistencyLoss, build_supervised_loss
+from amvlm_monai.networks.segmentation import build_segmentation_net
+
+
+class Batches:
+    """A re-iterable list of batches that records what was drawn."""
+
+    def __init__(self, n, size, prefix, labeled, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.batches = []
+        for b in range(n):
+            batch = {"image": torch.randn(size, 1, 32, 32, generator=g),
+                     "text": [REPORTS[(b * size + i) % len(REPORTS)] for i in range(size)],
+                     "id": [f"{prefix}{b * size + i}" for i in range(size)]}
+            if labeled:
+                batch["label"] = (torch.rand(size, 1, 32, 32, generator=g) > 0.7).float()
+            self.batches.append(batch)
+        self.drawn = []
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            self.drawn += b["id"]
+            yield b
+
+
+def _net():
+    torch.manual_seed(0)
+    return build_segmentation_net(channels=(4, 8, 16), strides=(2, 2))
+
+
+@pytest.fixture
+def stage1_ckpt(tiny_amvlm, tmp_path):
+    path = tmp_path / "amvlm.pt"
+    torch.save({"model": tiny_amvlm.state_dict(), "config": tiny_amvlm.config}, path)
+    return path
+
+
+def _trainer(labeled, unlabeled=None, guidance=None, epochs=1):
+    net = _net()
+    teacher = make_teacher(net) if unlabeled is not None else None
+    opt = torch.optim.Adam(trainable_parameters([net, guidance]), lr=1e-2)
+    trainer = MeanTeacherTrainer("cpu", epochs, labeled, net, opt, build_supervised_loss(),
+                                 unlabeled_loader=unlabeled, teacher=teacher,
+                                 consistency_loss=ConsistencyLoss() if unlabeled is not None else None,
+                                 consistency_max=1.0, rampup_epochs=2, guidance=guidance)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    return trainer, net, teacher, outputs
+
+
+def test_every_unlabeled_image_is_used_once_per_epoch():
+    labeled = Batches(2, 2, "l", True, 0)
+    unlabeled = Batches(5, 2, "u", False, 1)
+    trainer, *_ , outputs = _trainer(labeled, unlabeled, epochs=2)
+    trainer.run()
+    assert trainer.state.epoch_length == 5 and len(outputs) == 10
+    assert sorted(unlabeled.drawn) == sorted([f"u{i}" for i in range(10)] * 2)
+    assert set(labeled.drawn) == {"l0", "l1", "l2", "l3"}  # the labelled loader cycles
+    assert {"sup", "consistency", "consistency_weight", "loss"} <= set(outputs[0])
+    first, last = outputs[0], outputs[-1]
+    assert math.isclose(first["loss"], first["sup"] + first["consistency_weight"] * first["consistency"], rel_tol=1e-5)
+    assert last["consistency_weight"] > first["consistency_weight"]  # ramp-up
+
+
+def test_teacher_is_the_ema_of_the_student():
+    labeled, unlabeled = Batches(1, 2, "l", True, 0), Batches(1, 2, "u", False, 1)
+    trainer, net, teacher, _ = _trainer(labeled, unlabeled)
+    start = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    trainer.run()
+    # one step at t = 1: alpha = min(1 - 1/2, 0.99) = 0.5, so teacher = (start + student) / 2, buffers included
+    for key, value in teacher.module.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.5 * start[key] + 0.5 * net.state_dict()[key], atol=1e-6), key
+    assert any("running_mean" in k for k in start)
+    assert not teacher.training
+
+
+def test_supervised_only_and_invalid_combinations():
+    labeled = Batches(2, 2, "l", True, 0)
+    trainer, *_, outputs = _trainer(labeled)
+    trainer.run()
+    assert set(outputs[0]) == {"sup", "loss"} and len(outputs) == 2
+    net = _net()
+    with pytest.raises(ValueError, match="teacher"):
+        MeanTeacherTrainer("cpu", 1, labeled, net, torch.optim.SGD(net.parameters(), 0.1), build_supervised_loss(),
+                           unlabeled_loader=Batches(1, 2, "u", False, 1))
+
+
+def test_text_guidance_trains_the_decoder_only_and_caches_text(stage1_ckpt):
+    guidance = build_text_guidance(str(stage1_ckpt))
+    encoder_before = {k: v.clone() for k, v in guidance.amvlm.state_dict().items()}
+    decoder_before = [p.clone() for p in guidance.generator.parameters() if p.requires_grad]
+    calls = []
+    original = guidance.amvlm.text_embeddings
+    guidance.amvlm.text_embeddings = lambda texts: calls.append(list(texts)) or original(texts)
+    labeled, unlabeled = Batches(2, 2, "l", True, 0), Batches(3, 2, "u", False, 1)
+    trainer, *_, outputs = _trainer(labeled, unlabeled, guidance, epochs=2)
+    trainer.run()
+    assert "tg" in outputs[0] and all(math.isfinite(o["tg"]) for o in outputs)
+    # each distinct report encoded exactly once over 2 epochs and 6 steps
+    encoded = [t for c in calls for t in c]
+    assert sorted(encoded) == sorted(set(REPORTS))
+    for key, value in guidance.amvlm.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key  # frozen towers and their BatchNorm statistics
+    after = [p for p in guidance.generator.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, decoder_before))
+    assert guidance.tg_loss.logit_scale.requires_grad
+
+
+def test_guidance_without_tg_and_fusion_uses_the_text_mask(stage1_ckpt):
+    guidance = build_text_guidance(str(stage1_ckpt), use_tg=False)
+    images = torch.randn(2, 1, 32, 32)
+    masks, tg = guidance(images, REPORTS[:2])
+    assert tg is None and masks.shape == (2, 1, 32, 32) and 0 <= masks.min() and masks.max() <= 1
+    logits = torch.zeros(2, 1, 32, 32)
+    fused = guidance.fuse(logits, masks, multiclass=False)
+    # teacher undecided (logit 0): the pseudo label is the text mask itself (lambda = 1)
+    assert torch.allclose(fused, masks.clamp(1e-6, 1 - 1e-6), atol=1e-5)
+    with pytest.raises(ValueError, match="fusion_mode"):
+        build_text_guidance(str(stage1_ckpt), fusion_mode="double")
