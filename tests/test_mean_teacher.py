@@ -112,6 +112,7 @@ def test_text_guidance_trains_the_decoder_only_and_caches_text(stage1_ckpt):
     trainer, *_, outputs = _trainer(labeled, unlabeled, guidance, epochs=2)
     trainer.run()
     assert "tg" in outputs[0] and all(math.isfinite(o["tg"]) for o in outputs)
+    assert all(0.0 <= o["text_mask_dice"] <= 1.0 for o in outputs)
     # each distinct report encoded exactly once over 2 epochs and 6 steps
     encoded = [t for c in calls for t in c]
     assert sorted(encoded) == sorted(set(REPORTS))
@@ -133,3 +134,18 @@ def test_guidance_without_tg_and_fusion_uses_the_text_mask(stage1_ckpt):
     assert torch.allclose(fused, masks.clamp(1e-6, 1 - 1e-6), atol=1e-5)
     with pytest.raises(ValueError, match="fusion_mode"):
         build_text_guidance(str(stage1_ckpt), fusion_mode="double")
+
+
+def test_text_mask_dice_diagnostic_by_hand():
+    from amvlm_monai.engines.mean_teacher import _hard_dice
+
+    masks = torch.zeros(1, 1, 2, 2)
+    masks[0, 0, 0] = 0.9  # predicts the top row
+    label = torch.zeros(1, 1, 2, 2)
+    label[0, 0, :, 0] = 1  # the left column
+    assert math.isclose(float(_hard_dice(masks, label, False)), 2 * 1 / (2 + 2))
+    # multi-class: masks for the 2 foreground classes of a 3-class index label
+    idx = torch.tensor([[[[1, 2], [0, 0]]]])
+    fg = torch.zeros(1, 2, 2, 2)
+    fg[0, 0, 0, 0] = fg[0, 1, 0, 1] = 1.0
+    assert math.isclose(float(_hard_dice(fg, idx, True)), 1.0)

@@ -157,6 +157,21 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
     return guidance.to(device)
 
 
+@torch.no_grad()
+def _hard_dice(masks: torch.Tensor, label: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """Batch Dice of text masks (> 0.5) against labels: how good the text prompts alone are (a diagnostic).
+
+    masks: (B, K, H, W); label: (B, 1, H, W) binary, or class indices with K = C - 1 foreground masks.
+    """
+    if multiclass:
+        target = F.one_hot(label[:, 0].long(), masks.shape[1] + 1).movedim(-1, 1)[:, 1:].float()
+    else:
+        target = (label > 0.5).float()
+    pred = (masks > 0.5).float()
+    inter = (pred * target).sum()
+    return 2 * inter / (pred.sum() + target.sum()).clamp_min(1.0)
+
+
 class MeanTeacherTrainer(SupervisedTrainer):
     """Semi-supervised trainer: supervised loss on labelled batches, consistency to pseudo labels on unlabelled ones.
 
@@ -164,7 +179,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); the unlabelled iterator restarts at
     every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles.
     After each step the teacher is an EMA of the student's parameters and buffers (alpha_t = min(1 - 1/(t+1), 0.99)).
-    ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg``.
+    ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and
+    ``text_mask_dice`` (the text masks' Dice against the labelled batch: a diagnostic, not a loss).
 
     Args:
         device, max_epochs, train_data_loader (labelled: ``image`` (B,C,H,W), ``label`` (B,1,H,W), ``text``),
@@ -250,6 +266,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 if engine.guidance is not None:
                     texts = list(batchdata["text"]) + list(unl["text"])
                     masks, tg = engine.guidance(x_all, texts)
+                    terms["text_mask_dice"] = _hard_dice(masks[:n_l], y_l, engine.multiclass)
                     pseudo = engine.guidance.fuse(teacher_logits, masks[n_l:].float(), engine.multiclass)
                     if tg is not None:
                         terms["tg"] = tg
