@@ -88,3 +88,28 @@ def test_segmentation_chain_label_binary_and_aligned(pair):
     # first (reverse indexing), and after resizing the mask stays upper right
     xs, ys = torch.nonzero(out["label"][0], as_tuple=True)
     assert xs.float().mean() > 16 and ys.float().mean() < 16
+
+
+def test_color_chain_keeps_three_channels_and_multiclass_labels_stay_indices(tmp_path):
+    from amvlm_monai.transforms.views import LabelIndexd, ToColord
+
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "he.png")
+    lab = np.zeros((20, 20), np.uint8)
+    lab[:10] = 2
+    lab[10:, :5] = 7
+    Image.fromarray(lab).save(tmp_path / "lab.png")
+    item = {"image": str(tmp_path / "he.png"), "label": str(tmp_path / "lab.png"), "text": REPORT}
+    out = segmentation_transforms(image_size=16, in_channels=3, multiclass=True)(item)
+    assert out["image"].shape == (3, 16, 16)
+    assert out["image"][0].mean() > out["image"][1].mean()  # red stays red
+    assert set(out["label"].unique().tolist()) == {0.0, 2.0, 7.0}
+    grey = torch.ones(1, 2, 2)
+    assert ToColord("image")({"image": grey})["image"].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="outside the class set 0..4"):
+        LabelIndexd("label", num_classes=5)({"label": torch.full((1, 2, 2), 7.0)})
+    with pytest.raises(ValueError, match="one channel"):
+        LabelIndexd("label")({"label": torch.zeros(2, 2, 2)})
+    with pytest.raises(ValueError, match="in_channels"):
+        segmentation_transforms(in_channels=2)

@@ -28,7 +28,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, TextViewd, ToGrayscaled
+from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, LabelIndexd, TextViewd, ToColord, ToGrayscaled
 
 __all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms",
            "mask_postprocessing"]
@@ -38,18 +38,30 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # type: ignore[return-value]
 
 
-def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label_key: str | None = None) -> list:
-    """Load, one channel, resize (labels nearest), intensity to [0, 1]; labels binarised."""
+def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label_key: str | None = None,
+                     in_channels: int = 1, multiclass: bool = False, num_classes: int | None = None) -> list:
+    """Load, ``in_channels`` channels, resize (labels nearest), intensity to [0, 1].
+
+    Args:
+        keys: the keys to load (images and, if any, ``label_key``).
+        image_size: square size or (H, W).
+        label_key: the label's key: binary masks are binarised, multi-class labels kept as class indices.
+        in_channels: 1 averages RGB(A) into grey; 3 keeps colour (grey images are repeated to 3 channels).
+        multiclass: labels are class indices (not binarised).
+        num_classes: with ``multiclass``, label values must lie in ``0 .. num_classes - 1``.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grey) or 3 (colour), got {in_channels}.")
     keys = list(keys)
     img_keys = [k for k in keys if k != label_key]
     modes = ["bilinear" if k != label_key else "nearest" for k in keys]
     chain = [
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
-        ToGrayscaled(keys=img_keys),
+        ToGrayscaled(keys=img_keys) if in_channels == 1 else ToColord(keys=img_keys),
     ]
     if label_key is not None:
-        chain.append(BinarizeLabeld(keys=label_key))
+        chain.append(LabelIndexd(keys=label_key, num_classes=num_classes) if multiclass else BinarizeLabeld(keys=label_key))
     chain += [
         Resized(keys=keys, spatial_size=_size(image_size), mode=modes),
         ScaleIntensityd(keys=img_keys, minv=0.0, maxv=1.0),
@@ -62,7 +74,7 @@ def _normalise(keys: Sequence[str]) -> NormalizeIntensityd:
 
 
 def pretrain_transforms(image_size: int | Sequence[int] = 224, drop_prob: float = 0.1, rotate_degrees: float = 20.0,
-                        augment: bool = True) -> Compose:
+                        augment: bool = True, in_channels: int = 1) -> Compose:
     """Stage 1: image, its augmented view ``image_aug``, the report ``text`` and its view ``text_aug``.
 
     The view is augmented in [0, 1] intensity space, before normalisation (the authors' code cast it to uint8 there).
@@ -72,8 +84,9 @@ def pretrain_transforms(image_size: int | Sequence[int] = 224, drop_prob: float 
         drop_prob: word-drop probability of the text view.
         rotate_degrees: the view's random rotation range, +- degrees.
         augment: False gives identical views (for evaluation and deterministic tests).
+        in_channels: 1 (grey) or 3 (colour, e.g. H&E).
     """
-    chain = [CheckTextd(keys="text")] + load_image_chain(["image"], image_size)
+    chain = [CheckTextd(keys="text")] + load_image_chain(["image"], image_size, in_channels=in_channels)
     chain.append(CopyItemsd(keys=["image", "text"], times=1, names=["image_aug", "text_aug"]))
     if augment:
         rad = math.radians(rotate_degrees)
@@ -93,14 +106,17 @@ def pretrain_transforms(image_size: int | Sequence[int] = 224, drop_prob: float 
 
 
 def segmentation_transforms(image_size: int | Sequence[int] = 224, labeled: bool = True, augment: bool = False,
-                            with_text: bool = True) -> Compose:
-    """Stage 2 and evaluation: ``image`` (1,H,W) in [-1, 1], ``label`` (1,H,W) in {0,1} when ``labeled``, ``text``.
+                            with_text: bool = True, in_channels: int = 1, multiclass: bool = False,
+                            num_classes: int | None = None) -> Compose:
+    """Stage 2 and evaluation: ``image`` (C,H,W) in [-1, 1], ``label`` (1,H,W) when ``labeled`` ({0,1}, or class
+    indices with ``multiclass``), ``text``.
 
     ``augment`` adds intensity-only augmentation (no flips or rotations, which would contradict the report).
     """
     keys = ["image", "label"] if labeled else ["image"]
     chain = [CheckTextd(keys="text")] if with_text else []
-    chain += load_image_chain(keys, image_size, label_key="label" if labeled else None)
+    chain += load_image_chain(keys, image_size, label_key="label" if labeled else None, in_channels=in_channels,
+                              multiclass=multiclass, num_classes=num_classes)
     if augment:
         chain += [
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
@@ -110,10 +126,10 @@ def segmentation_transforms(image_size: int | Sequence[int] = 224, labeled: bool
     return Compose(chain)
 
 
-def inference_transforms(image_size: int | Sequence[int] = 224) -> Compose:
+def inference_transforms(image_size: int | Sequence[int] = 224, in_channels: int = 1) -> Compose:
     """Images only; metadata kept so that predictions can be inverted to the input's size and written."""
-    return Compose(load_image_chain(["image"], image_size) + [_normalise(["image"]),
-                                                             EnsureTyped(keys="image", track_meta=True)])
+    return Compose(load_image_chain(["image"], image_size, in_channels=in_channels)
+                   + [_normalise(["image"]), EnsureTyped(keys="image", track_meta=True)])
 
 
 def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: bool = False, threshold: float = 0.5,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 
-__all__ = ["TextView", "TextViewd", "CheckTextd", "ToGrayscaled", "BinarizeLabeld"]
+__all__ = ["TextView", "TextViewd", "CheckTextd", "ToGrayscaled", "ToColord", "BinarizeLabeld", "LabelIndexd"]
 
 
 class TextView(RandomizableTransform):
@@ -114,6 +114,56 @@ class ToGrayscaled(MapTransform):
             if img.shape[0] in (3, 4):
                 d[key] = img[:3].mean(dim=0, keepdim=True) if isinstance(img, torch.Tensor) \
                     else np.mean(img[:3], axis=0, keepdims=True)
+        return d
+
+
+class ToColord(MapTransform):
+    """Three channels: grey images are repeated, an alpha channel is dropped (colour data such as H&E)."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] == 1:
+                d[key] = img.repeat(3, 1, 1) if isinstance(img, torch.Tensor) else np.repeat(img, 3, axis=0)
+            elif img.shape[0] == 4:
+                d[key] = img[:3]
+            elif img.shape[0] != 3:
+                raise ValueError(f"{_name(img)}: expected 1, 3 or 4 channels, found {img.shape[0]}.")
+        return d
+
+
+def _name(img) -> str:
+    return str(getattr(img, "meta", {}).get("filename_or_obj", "image"))
+
+
+class LabelIndexd(MapTransform):
+    """Multi-class labels as one channel of class indices (float, so that nearest resizing keeps them exact).
+
+    Args:
+        keys: label keys.
+        num_classes: if given, a value outside ``0 .. num_classes - 1`` raises an error naming the file.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, num_classes: int | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            if lab.shape[0] != 1:
+                raise ValueError(f"{_name(lab)}: a multi-class label needs one channel of class indices, "
+                                 f"found {lab.shape[0]} channels.")
+            lab = torch.as_tensor(lab) if not isinstance(lab, torch.Tensor) else lab
+            if self.num_classes is not None and (lab.min() < 0 or lab.max() >= self.num_classes):
+                raise ValueError(f"{_name(lab)}: label values {int(lab.min())}..{int(lab.max())} are outside the "
+                                 f"class set 0..{self.num_classes - 1}.")
+            if not torch.equal(lab, lab.round()):
+                raise ValueError(f"{_name(lab)}: multi-class label values must be whole class indices.")
+            d[key] = lab.float()
         return d
 
 
