@@ -1,0 +1,364 @@
+"""Pieces shared by the converters: finding a layout, listing and checking files, LViT-layout collection, output.
+
+Every converter works in two passes: `collect` checks the whole source and appends one line per problem (each naming
+its file) to a ``problems`` list; only when the list is empty (`raise_if_problems`) is anything written. Nothing here
+writes into a source folder: `check_out` refuses an output folder inside one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from amvlm_monai.data.datalist import write_datalist
+from amvlm_monai.data.errors import DataError
+from amvlm_monai.data.splits import partition, write_splits
+
+from ._xlsx import read_xlsx
+
+__all__ = [
+    "IMAGE_EXTS",
+    "LOSSLESS_EXTS",
+    "SECTIONS",
+    "find_layout",
+    "folder_key",
+    "check_out",
+    "check_fractions",
+    "require_folder",
+    "list_files",
+    "file_kind",
+    "read_image",
+    "check_pair",
+    "read_sheet",
+    "LvitNames",
+    "LVIT_SPLITS",
+    "collect_lvit",
+    "stem",
+    "check_sections",
+    "holdout",
+    "save_png",
+    "write_outputs",
+    "add_common_args",
+]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # 2D image files the converters accept
+LOSSLESS_EXTS = (".png", ".tif", ".tiff", ".bmp")
+SECTIONS = ("training", "validation", "test")
+_IGNORED = {"thumbs.db", "desktop.ini"}
+
+
+def _ignored(p: Path) -> bool:
+    return p.name.startswith(".") or p.name.lower() in _IGNORED
+
+
+def folder_key(name: str) -> str:
+    """A folder name folded for tolerant matching: lower case, ``_``/``-`` as spaces, no plural ``s``.
+
+    ``"Bone_Masks"``, ``"bone mask"`` and ``"bone-mask"`` all give ``"bone mask"``.
+    """
+    words = re.sub(r"[_\-\s]+", " ", name.strip().lower()).split()
+    return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
+
+
+def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name: str, expected: str
+                ) -> tuple[str, Path]:
+    """Which layout ``src`` holds, in itself or in exactly one sub-folder.
+
+    Args:
+        src: the folder given on the command line.
+        kind: ``kind(folder)`` names the layout ``folder`` holds, or None.
+        name: the data set's name, for messages.
+        expected: what was looked for, for the message when nothing is found.
+
+    Returns:
+        (layout name, the layout's root folder).
+
+    Raises:
+        DataError: ``src`` is missing, holds no layout, or several sub-folders hold one.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"source folder {src} does not exist or is not a folder.")
+    found = kind(src)
+    if found:
+        return found, src
+    children = [(kind(c), c) for c in sorted(src.iterdir()) if c.is_dir() and not _ignored(c)]
+    children = [(k, c) for k, c in children if k]
+    if len(children) == 1:
+        return children[0]
+    if len(children) > 1:
+        raise DataError(f"{src} holds several {name} layouts: {[str(c) for _, c in children]}; pass one of them.")
+    raise DataError(
+        f"{src} holds no {name} layout: expected {expected}, in it or in one sub-folder; "
+        f"found {sorted(os.listdir(src))}."
+    )
+
+
+def check_out(out: str | os.PathLike, *sources: str | os.PathLike, written: Sequence[str] = ()) -> None:
+    """Refuse an output folder that would write into a source folder.
+
+    Args:
+        out: the output folder.
+        sources: folders that are only read (the layout's root, the ``--src`` folder).
+        written: sub-folders of ``out`` the converter writes files into; a source inside one of them is refused too.
+
+    Raises:
+        DataError: ``out`` is a source folder or inside one, or a source lies inside a written sub-folder.
+    """
+    out_abs = Path(out).resolve()
+    for src in sources:
+        src_abs = Path(src).resolve()
+        if out_abs == src_abs or src_abs in out_abs.parents:
+            raise DataError(
+                f"output folder {out} lies inside the source folder {src}; the source is never written to."
+            )
+        for sub in written:
+            target = out_abs / sub
+            if src_abs == target or target in src_abs.parents:
+                raise DataError(f"the source folder {src} lies inside {target}, which the converter writes to.")
+
+
+def check_fractions(**fractions: float | Sequence[float]) -> None:
+    """Raise ValueError unless every given fraction (or sequence of fractions) is in (0, 1]."""
+    for name, value in fractions.items():
+        for f in value if isinstance(value, (list, tuple)) else (value,):
+            if not (isinstance(f, (int, float)) and 0 < f <= 1):
+                raise ValueError(f"{name} must be in (0, 1], got {f!r}.")
+
+
+def require_folder(path: Path, problems: list[str]) -> bool:
+    """True when ``path`` is a folder; otherwise a "missing folder" problem is appended."""
+    if not path.is_dir():
+        problems.append(f"missing folder {path}")
+        return False
+    return True
+
+
+def list_files(folder: Path, problems: list[str], exts: Sequence[str] = (".png",), what: str = "PNG images"
+               ) -> dict[str, Path]:
+    """Files of ``folder`` with one of ``exts`` (case-insensitive), by name; other visible files are problems.
+
+    Hidden files, ``Thumbs.db``/``desktop.ini`` and sub-folders are skipped.
+    """
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if _ignored(p) or p.is_dir():
+            continue
+        if not p.name.lower().endswith(tuple(e.lower() for e in exts)):
+            problems.append(f"unexpected file {p}: only {what} are accepted")
+            continue
+        files[p.name] = p
+    return files
+
+
+def file_kind(path: Path) -> str:
+    """"PNG", "TIF", "JPEG", "BMP" from the file's extension, else "image" (for messages)."""
+    ext = path.suffix.lower()
+    return {".png": "PNG", ".tif": "TIF", ".tiff": "TIF", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}.get(
+        ext, "image")
+
+
+def read_image(path: Path, problems: list[str]) -> Image.Image | None:
+    """The decoded image (PIL verify, then a full decode), or None after appending a problem naming ``path``.
+
+    ``verify`` checks structure and checksums; ``load`` decodes, which catches truncated data that ``verify`` lets
+    through (and is the only check TIFF gets).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+        return im
+    except Exception as e:  # PIL raises many types for broken files
+        problems.append(f"unreadable or corrupt {file_kind(path)} {path}: {e}")
+        return None
+
+
+def check_pair(image: Path, mask: Path, problems: list[str]) -> Image.Image | None:
+    """Read both files and compare their sizes; returns the decoded mask when all is well."""
+    im = read_image(image, problems)
+    m = read_image(mask, problems)
+    if im is None or m is None:
+        return None
+    if im.size != m.size:
+        problems.append(f"mask {mask} is {m.size[0]}x{m.size[1]} but its image {image} is {im.size[0]}x{im.size[1]}")
+        return None
+    return m
+
+
+def read_sheet(path: Path, problems: list[str], required: Sequence[str] = ("Image", "Description")
+               ) -> list[dict] | None:
+    """Rows of a spreadsheet (`data_prep._xlsx.read_xlsx`), or None after appending its problems."""
+    try:
+        return read_xlsx(path, required=required)
+    except DataError as e:
+        problems.extend(e.problems)
+        return None
+
+
+def _cell(value) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+@dataclass(frozen=True)
+class LvitNames:
+    """How a data set in LViT's layout names its masks and what its spreadsheets' ``Image`` column holds.
+
+    ``row(cell, images)`` -> (image file name, mask file name) for a spreadsheet cell; ``image_of(mask, images)`` ->
+    the image file name a mask belongs to (None when the mask's name does not follow ``pattern``). ``images`` is the
+    split's ``{file name: path}`` of images, so that a cell or mask may name an image by its stem.
+    """
+
+    row: Callable[[str, dict], tuple[str, str]]
+    image_of: Callable[[str, dict], str | None]
+    pattern: str = "mask_<image>.png"  # the mask naming rule, for messages
+    image_exts: tuple[str, ...] = (".png",)  # accepted image files
+    image_what: str = "PNG images"  # the same, for messages
+
+
+#: (datalist section, folder, spreadsheet) of LViT's layout.
+LVIT_SPLITS = (
+    ("training", "Train_Folder", "Train_text.xlsx"),
+    ("validation", "Val_Folder", "Val_text.xlsx"),
+    ("test", "Test_Folder", "Test_text.xlsx"),
+)
+
+
+def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str, list[dict]]:
+    """Check a data set in LViT's layout and build its datalist (absolute paths); reads only.
+
+    Layout: ``root/{Train_Folder,Val_Folder,Test_Folder}/{img,labelcol}`` and ``root/{Train,Val,Test}_text.xlsx``
+    with columns ``Image`` and ``Description``. Problems (each naming its file) are appended to ``problems``: missing
+    folders or spreadsheets, a row without an image, a mask or a description, an image or mask not listed, an image
+    listed twice, unreadable images, a mask whose size differs from its image's, an empty spreadsheet.
+
+    Returns:
+        ``{section: [{"image", "label", "text", "id"}]}``, ``id`` = the image file name without its extension.
+    """
+    datalist = {}
+    for section, folder, sheet in LVIT_SPLITS:
+        items: list[dict] = []
+        datalist[section] = items
+        img_dir, mask_dir, sheet_path = root / folder / "img", root / folder / "labelcol", root / sheet
+        ok = require_folder(img_dir, problems) & require_folder(mask_dir, problems)
+        if not sheet_path.is_file():
+            problems.append(f"missing spreadsheet {sheet_path}")
+            ok = False
+        if not ok:
+            continue
+        images = list_files(img_dir, problems, names.image_exts, names.image_what)
+        masks = list_files(mask_dir, problems)
+        rows = read_sheet(sheet_path, problems)
+        if rows == []:
+            problems.append(f"empty split: spreadsheet {sheet_path} has no rows")
+        listed_images, listed_masks = set(), set()
+        for row in rows or []:
+            where = f"{sheet_path} row {row['_row']}"
+            name = _cell(row["Image"])
+            if not name:
+                problems.append(f"{where}: empty Image cell")
+                continue
+            image_name, mask_name = names.row(name, images)
+            text = _cell(row["Description"])
+            if image_name in listed_images:
+                problems.append(f"{where}: {image_name} is listed twice")
+                continue
+            listed_images.add(image_name)
+            listed_masks.add(mask_name)
+            bad = False
+            if not text:
+                problems.append(f"{where}: no Description for {name}")
+                bad = True
+            if image_name not in images:
+                problems.append(f"{where}: missing image {img_dir / image_name} for {mask_name}")
+                bad = True
+            if mask_name not in masks:
+                problems.append(f"{where}: missing mask {mask_dir / mask_name}")
+                bad = True
+            if bad or check_pair(images[image_name], masks[mask_name], problems) is None:
+                continue
+            items.append({"image": str(images[image_name]), "label": str(masks[mask_name]), "text": text,
+                          "id": stem(image_name)})
+        for mask_name, path in masks.items():
+            if mask_name in listed_masks:
+                continue  # its row's problems are reported above
+            image_name = names.image_of(mask_name, images)
+            if image_name is None:
+                problems.append(f"mask {path} is not named {names.pattern}")
+            elif image_name not in images:
+                problems.append(f"mask without an image: {path} (expected {img_dir / image_name})")
+            elif rows is not None:
+                problems.append(f"mask {path} is not listed in {sheet_path}")
+        if rows is not None:
+            for image_name, path in images.items():
+                if image_name not in listed_images:
+                    problems.append(f"image {path} is not listed in {sheet_path}")
+    return datalist
+
+
+def stem(name: str) -> str:
+    """A file name without its extension (``a.nii.gz`` -> ``a``)."""
+    for ext in (".nii.gz",):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def check_sections(datalist: dict[str, list[dict]], problems: list[str], where: str) -> None:
+    """Append a problem for an id in two places and, when nothing else is wrong, for each empty section."""
+    seen: dict[str, str] = {}
+    for section, items in datalist.items():
+        for it in items:
+            if it["id"] in seen:
+                problems.append(f"image id {it['id']!r} is in both {seen[it['id']]} and {section}: {it['image']}")
+            seen.setdefault(it["id"], section)
+    if not problems:
+        for section in SECTIONS:
+            if not datalist.get(section):
+                problems.append(f"empty split: {section} of {where}")
+
+
+def holdout(items: Sequence[dict], fraction: float, seed: int, salt: str, group_key: str | None = None
+            ) -> tuple[list[dict], list[dict]]:
+    """(held out, rest): a seeded ``fraction`` of ``items`` (whole groups with ``group_key``); see `partition`.
+
+    With fewer than two items (or groups) nothing is held out.
+    """
+    groups = {str(it[group_key or "id"]) for it in items}
+    if len(groups) < 2:
+        return [], list(items)
+    return partition(items, fraction, seed, group_key=group_key, salt=salt)
+
+
+def save_png(array: np.ndarray, path: Path) -> Path:
+    """Write ``array`` as PNG (uint8 gray or RGB, or uint16 gray as a 16-bit PNG); parent folders are created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    return path
+
+
+def write_outputs(datalist: dict, out: str | os.PathLike, seed: int, fractions: Iterable[float],
+                  few_shot: Iterable[float], group_key: str | None = None) -> Path:
+    """Write ``out/datalist.json`` (sections in `SECTIONS` order) and the split files; returns the datalist path."""
+    datalist = {s: datalist[s] for s in SECTIONS}
+    path = write_datalist(datalist, Path(out) / "datalist.json")
+    write_splits(datalist, out, seed=seed, fractions=tuple(fractions), few_shot=tuple(few_shot), group_key=group_key)
+    return path
+
+
+def add_common_args(p: argparse.ArgumentParser, src_help: str) -> argparse.ArgumentParser:
+    """Add ``--src --out --seed --fractions --few-shot`` to a converter's parser."""
+    p.add_argument("--src", required=True, help=src_help)
+    p.add_argument("--out", required=True, help="output folder (not inside --src)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5], help="labelled fractions")
+    p.add_argument("--few-shot", type=float, nargs="*", default=[0.01, 0.1], help="few-shot fractions")
+    return p
