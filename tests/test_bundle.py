@@ -58,7 +58,7 @@ def test_network_def_in_out_and_export(bundle, tmp_path):
     out = tmp_path / "model.ts"
     ckpt_export(net_id="network_def", filepath=str(out), ckpt_file=str(ckpt), meta_file=meta, config_file=train)
     scripted = torch.jit.load(str(out))
-    x = torch.randn(1, 1, 64, 64)
+    x = torch.randn(1, parser["in_channels"], 64, 64)
     net.eval()
     assert torch.allclose(scripted(x), net(x), atol=1e-5)
 
@@ -128,3 +128,25 @@ def test_inference_on_an_empty_folder_names_it(bundle_copy, tmp_path):
         chain.append(str(e))
         e = e.__cause__ or e.__context__
     assert any("no images found in" in c and "empty" in c for c in chain), chain
+
+
+def test_bundle_configs_are_generated_from_the_shared_template():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_bundles.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(BUNDLES) == 4
+    spine = json.loads((ROOT / "bundles/mrspineseg_spine_mr_segmentation/configs/train.json").read_text())
+    assert spine["multiclass"] and spine["out_channels"] == 20 and len(spine["class_prompts"]) == 19
+
+
+def test_build_rejects_a_setting_no_config_uses(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_bundles", ROOT / "scripts" / "build_bundles.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    with pytest.raises(ValueError, match="used by no template config: \\['imgae_size'\\]"):
+        build.render("x", {"imgae_size": 32})

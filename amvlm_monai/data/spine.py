@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from .describe import describe_levels
 
-__all__ = ["VERTEBRAE", "DISCS", "SPINE_CLASSES", "NUM_SPINE_CLASSES", "SPINE_PROMPTS", "describe_spine"]
+__all__ = ["VERTEBRAE", "DISCS", "SPINE_CLASSES", "SPINE_FOREGROUND", "NUM_SPINE_CLASSES", "SPINE_PROMPTS",
+           "SPINE_PROMPT_LIST", "describe_spine"]
 
 #: Vertebrae from the bottom up (label values 1..10).
 VERTEBRAE = ("S", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9")
@@ -37,6 +38,10 @@ def _prompt(value: int) -> str:
 
 #: One short text prompt per foreground class, keyed by label value 1..19 ("The L4 vertebra.").
 SPINE_PROMPTS: dict[int, str] = {v: _prompt(v) for v in range(1, NUM_SPINE_CLASSES)}
+#: The same prompts as a list in label order 1..19 (the text guidance's ``class_prompts``: one mask per class).
+SPINE_PROMPT_LIST = tuple(SPINE_PROMPTS[v] for v in range(1, NUM_SPINE_CLASSES))
+#: Foreground class names in label order 1..19 (column names of per-class scores).
+SPINE_FOREGROUND = SPINE_CLASSES[1:]
 
 
 def describe_spine(label_map, min_area: int = 1) -> str:
