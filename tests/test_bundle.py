@@ -150,3 +150,28 @@ def test_build_rejects_a_setting_no_config_uses(monkeypatch, tmp_path):
     spec.loader.exec_module(build)
     with pytest.raises(ValueError, match="used by no template config: \\['imgae_size'\\]"):
         build.render("x", {"imgae_size": 32})
+
+
+@pytest.fixture(scope="module")
+def spine_bundle(tmp_path_factory):
+    src = ROOT / "bundles" / "mrspineseg_spine_mr_segmentation"
+    dst = tmp_path_factory.mktemp("spine") / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "eval", "predictions"))
+    return dst
+
+
+def test_multiclass_spine_bundle_end_to_end(spine_bundle, tmp_path):
+    """Both stages and the evaluation on MRSpineSeg-layout volumes: 20 classes, one text prompt per class."""
+    from test_mrspineseg import make
+
+    from amvlm_monai.metrics import read_scores_csv
+    from data_prep.mrspineseg import convert_mrspineseg
+
+    data = tmp_path / "data"
+    convert_mrspineseg(make(tmp_path / "src", n_cases=6), data, seed=0)
+    _run(spine_bundle, "pretraining", ["pretrain.json"], dataset_dir=str(data), **PRETRAIN_TINY)
+    _run(spine_bundle, "training", ["train.json"], dataset_dir=str(data), **TINY_OVERRIDES)
+    assert torch.load(spine_bundle / "models" / "model.pt", weights_only=True)["model.2.conv.weight"].shape[1] == 20
+    _run(spine_bundle, "evaluating", ["train.json", "evaluate.json"], dataset_dir=str(data), **TINY_OVERRIDES)
+    scores = read_scores_csv(spine_bundle / "eval" / "scores_test.csv")
+    assert scores["class_names"][:3] == ["S", "L5", "L4"] and scores["dice_per_class"].shape[1] == 19
