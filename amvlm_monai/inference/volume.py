@@ -1,0 +1,308 @@
+"""Segment a NIfTI volume, a DICOM series, a DICOM file or a 2D image with the 2D network, slice by slice.
+
+The input is loaded natively (:mod:`amvlm_monai.transforms.clinical`: any orientation, intensity by modality to
+[0, 1]), normalised to [-1, 1] as in training, and the 2D network runs on every slice along ``axis`` through MONAI's
+``SliceInferer``. Resizing lives in the network: :class:`ResizedSliceNet` resizes each slice batch to ``image_size``
+(bilinear, as the training chain's ``Resized``), runs the network, and resizes the logits back to the slice's size
+(bilinear) before the sigmoid/argmax. So the volume itself is never resampled and the label map is written with the
+input's affine (spacing, orientation, origin): it overlays the input voxel for voxel.
+
+``axcodes`` (e.g. ``"RAS"``) optionally reorients the volume before slicing (so that ``axis=0`` means sagittal
+whatever the storage order); the prediction is reoriented back with ``Invertd`` before writing. Models trained on
+``data_prep.mrspineseg`` slices (closest-canonical RAS+, sagittal = axis 0) match ``axcodes="RAS", axis=0``.
+
+Intensity: by default the modality rule of the whole volume (CT window, MR z-score, ...) then [-1, 1].
+``slice_minmax=True`` instead scales every resized slice by its own min and max, as the 2D training chain
+(``load_image_chain``: ``Resized`` then ``ScaleIntensityd``) did for each training slice; use it when the model was
+trained on raw-intensity slices cut from volumes.
+
+Output: ``<output_dir>/<input stem>_seg.nii.gz``, uint8: {0, 1} (binary, sigmoid > ``threshold``) or class indices
+(``multiclass``, argmax over the channels). Trailing singleton dimensions are dropped (as MONAI's ``SaveImage`` does).
+
+CLI::
+
+    python -m amvlm_monai.inference.volume --model models/model.pt --input case1.nii.gz dicom_folder/ \\
+        --output preds/ --axis 0 --modality MR --out-channels 20 --multiclass
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import PathLike
+from monai.data import MetaTensor, NibabelWriter
+from monai.inferers import SliceInferer
+from monai.transforms import Compose, Invertd, NormalizeIntensityd, Orientationd
+from torch import nn
+
+from amvlm_monai.transforms.clinical import NIFTI_SUFFIXES, IntensityByModalityd, clinical_load_chain
+
+__all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
+
+
+def _size2d(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    if len(size) != 2 or not all(s > 0 for s in size):
+        raise ValueError(f"image_size must be a positive int, (H, W) or None, got {image_size!r}.")
+    return size  # type: ignore[return-value]
+
+
+class ResizedSliceNet(nn.Module):
+    """A 2D network run at a fixed input size: ``(B, C, h, w)`` -> resize to ``image_size`` -> network -> logits
+    ``(B, K, h, w)`` resized back (bilinear, ``align_corners=False``; no resizing where the sizes already match).
+
+    Args:
+        network: 2D network ``(B, C, H, W) -> (B, K, H, W)`` logits.
+        image_size: the network's input size, int or (H, W); None runs at the slice's own size.
+        slice_minmax: after resizing, scale each slice to [0, 1] by its min and max (0 for a constant slice, as
+            MONAI's ``ScaleIntensity``), then to [-1, 1], as the 2D training chain does per image.
+
+    Example:
+        >>> net = ResizedSliceNet(torch.nn.Conv2d(1, 1, 1), image_size=32)
+        >>> net(torch.zeros(2, 1, 19, 23)).shape
+        torch.Size([2, 1, 19, 23])
+    """
+
+    def __init__(self, network: nn.Module, image_size: int | Sequence[int] | None = 224,
+                 slice_minmax: bool = False) -> None:
+        super().__init__()
+        self.network = network
+        self.image_size = _size2d(image_size)
+        self.slice_minmax = slice_minmax
+
+    @staticmethod
+    def _minmax(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        lo, hi = flat.min(1).values.view(-1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1)
+        span = hi - lo
+        return torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), torch.zeros_like(x)) * 2 - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        resize = self.image_size is not None and size != self.image_size
+        if resize:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        out = self.network(self._minmax(x) if self.slice_minmax else x)
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False) if resize else out
+
+
+def output_path(path: PathLike, output_dir: PathLike) -> Path:
+    """``<output_dir>/<stem>_seg.nii.gz``; the stem drops ``.nii.gz``/any suffix of a file, a folder keeps its name."""
+    p = Path(path)
+    name = p.name or p.resolve().name
+    if not p.is_dir():
+        lower = name.lower()
+        suffix = next((s for s in NIFTI_SUFFIXES[::-1] if lower.endswith(s)), p.suffix)
+        name = name[: len(name) - len(suffix)] if suffix else name
+    return Path(output_dir) / f"{name}_seg.nii.gz"
+
+
+class VolumeSegmenter:
+    """Segment clinical inputs with a 2D network and write label maps in the input's geometry.
+
+    Args:
+        network: 2D network ``(B, C, H, W) -> (B, K, H, W)`` logits (e.g. ``build_segmentation_net(...)``); it is
+            put in eval mode and moved to ``device``.
+        image_size: the network's input size (int or (H, W)); each slice is resized to it and the logits back;
+            None runs at the slices' own size.
+        axis: the spatial axis the slices are taken along (0, 1 or 2 of the (possibly reoriented) volume), e.g. the
+            left-right axis for sagittal spine slices. Ignored for 2D inputs.
+        modality: ``"auto"`` or a DICOM modality code (see
+            :class:`~amvlm_monai.transforms.clinical.IntensityByModality`).
+        multiclass: argmax over K >= 2 channels (class indices) instead of sigmoid > ``threshold`` on K = 1.
+        threshold: binary threshold on the sigmoid probability.
+        device: where the network runs; the volume is stitched on the CPU.
+        series_uid: the series to read from a DICOM folder holding several.
+        axcodes: reorient to these axis codes (e.g. ``"RAS"``) before slicing; None keeps the stored order.
+        ct_window: CT window (low, high) in HU.
+        mr_norm: ``"zscore"`` or ``"percentile"`` for MR.
+        sw_batch_size: slices per network call.
+        slice_minmax: per-slice min-max intensity (as in 2D training) instead of the volume's modality rule.
+
+    Example:
+        >>> seg = VolumeSegmenter(build_segmentation_net(), image_size=224, axis=0, modality="MR")
+        >>> seg("Case1.nii.gz", "preds/")
+        PosixPath('preds/Case1_seg.nii.gz')
+    """
+
+    def __init__(self, network: nn.Module, image_size: int | Sequence[int] | None = 224, axis: int = 0,
+                 modality: str = "auto", multiclass: bool = False, threshold: float = 0.5,
+                 device: str | torch.device = "cpu", series_uid: str | None = None, axcodes: str | None = None,
+                 ct_window: Sequence[float] = (-160.0, 240.0), mr_norm: str = "zscore", sw_batch_size: int = 8,
+                 slice_minmax: bool = False) -> None:
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}.")
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}.")
+        if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}.")
+        self.device = torch.device(device)
+        self.net = ResizedSliceNet(network, image_size, slice_minmax=slice_minmax).to(self.device).eval()
+        self.axis = axis
+        self.multiclass = multiclass
+        self.threshold = float(threshold)
+        self.axcodes = axcodes
+        self.sw_batch_size = sw_batch_size
+        chain = clinical_load_chain(["image"], modality=modality, ct_window=ct_window, mr_norm=mr_norm,
+                                    series_uid=series_uid)
+        # the loader runs outside Compose so that its ValueError (naming the file) is not wrapped in a RuntimeError
+        self.load, chain = chain[0], chain[1:]
+        if slice_minmax:  # raw intensities: the network wrapper scales each slice
+            chain = [t for t in chain if not isinstance(t, IntensityByModalityd)]
+        else:
+            chain.append(NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5))  # [0, 1] -> [-1, 1]
+        if axcodes:
+            chain.append(Orientationd(keys="image", axcodes=axcodes, labels=None))
+        self.preprocess = Compose(chain)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Preprocessed ``(C, *spatial)`` image, 2D or 3D -> ``(K, *spatial)`` logits on the CPU."""
+        x = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image)[None]
+        x = x.to(self.device, torch.float32)
+        with torch.no_grad():
+            if x.ndim == 4:
+                return self.net(x)[0].cpu()
+            if x.ndim != 5:
+                raise ValueError(f"image must be (C, H, W) or (C, X, Y, Z), got shape {tuple(image.shape)}.")
+            roi = [s for i, s in enumerate(x.shape[2:]) if i != self.axis]
+            inferer = SliceInferer(spatial_dim=self.axis, roi_size=roi, sw_batch_size=self.sw_batch_size,
+                                   overlap=0.0, sw_device=self.device, device=torch.device("cpu"), progress=False)
+            return inferer(x, self.net)[0]
+
+    def labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(K, *spatial)`` logits -> ``(1, *spatial)`` uint8: argmax (``multiclass``) or sigmoid > threshold."""
+        k = logits.shape[0]
+        if self.multiclass:
+            if not 2 <= k <= 256:
+                raise ValueError(f"multiclass needs 2..256 output channels, the network gives {k}.")
+            return logits.argmax(0, keepdim=True).to(torch.uint8)
+        if k != 1:
+            raise ValueError(f"binary segmentation needs 1 output channel, the network gives {k}; "
+                             "pass multiclass=True for class indices.")
+        return (torch.sigmoid(logits) > self.threshold).to(torch.uint8)
+
+    def predict(self, path: PathLike) -> MetaTensor:
+        """Load ``path`` and segment it: ``(1, *spatial)`` uint8 ``MetaTensor`` in the input's geometry."""
+        data = self.preprocess(self.load({"image": str(path)}))
+        image = data["image"]
+        pred = MetaTensor(self.labels(self.logits(image)), meta=dict(image.meta))  # meta holds the affine
+        if self.axcodes:
+            pred.applied_operations = list(image.applied_operations)
+            data["pred"] = pred
+            pred = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)(data)["pred"]
+        return pred
+
+    def __call__(self, path: PathLike, output_dir: PathLike) -> Path:
+        """Segment ``path`` and write ``<output_dir>/<stem>_seg.nii.gz`` (uint8, the input's affine); its path."""
+        pred = self.predict(path)
+        out = output_path(path, output_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = NibabelWriter(output_dtype=np.uint8)
+        writer.set_data_array(pred, channel_dim=0)
+        affine = np.asarray(pred.affine, dtype=np.float64)
+        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+        writer.write(out)
+        return out
+
+
+def segment_volume(network: nn.Module, path: PathLike, output_dir: PathLike,
+                   image_size: int | Sequence[int] | None = 224, axis: int = 0, modality: str = "auto",
+                   multiclass: bool = False, threshold: float = 0.5, device: str | torch.device = "cpu",
+                   **kwargs) -> Path:
+    """Segment one input (NIfTI, DICOM series folder or file, 2D image) slice by slice; returns the written path.
+
+    See :class:`VolumeSegmenter` for the arguments (``kwargs``: ``series_uid``, ``axcodes``, ``ct_window``,
+    ``mr_norm``, ``sw_batch_size``, ``slice_minmax``).
+    The output ``<output_dir>/<stem>_seg.nii.gz`` has the input's shape and affine.
+    """
+    seg = VolumeSegmenter(network, image_size=image_size, axis=axis, modality=modality, multiclass=multiclass,
+                          threshold=threshold, device=device, **kwargs)
+    return seg(path, output_dir)
+
+
+def _state_dict(obj) -> dict:
+    """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "network", "net"):
+            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+                return obj[key]
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ValueError("expected a state dict (parameter name -> tensor).")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m amvlm_monai.inference.volume", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="state dict of build_segmentation_net(...) (torch.save)")
+    p.add_argument("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, DICOM or image files")
+    p.add_argument("--output", required=True, help="output folder for <stem>_seg.nii.gz")
+    p.add_argument("--image-size", type=int, nargs="+", default=[224], help="network input size (H [W]); 0: native")
+    p.add_argument("--axis", type=int, default=0, help="slice axis of the volume (0, 1, 2)")
+    p.add_argument("--modality", default="auto", help="auto or a DICOM modality code (CT, MR, XR, ...)")
+    p.add_argument("--multiclass", action="store_true", help="argmax class indices (needs --out-channels >= 2)")
+    p.add_argument("--threshold", type=float, default=0.5, help="binary threshold on the sigmoid")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--series-uid", default=None, help="SeriesInstanceUID to read from a folder with several series")
+    p.add_argument("--axcodes", default=None, help="reorient before slicing, e.g. RAS (output keeps input geometry)")
+    p.add_argument("--ct-window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"))
+    p.add_argument("--mr-norm", default="zscore", choices=("zscore", "percentile"))
+    p.add_argument("--sw-batch-size", type=int, default=8, help="slices per network call")
+    p.add_argument("--slice-minmax", action="store_true",
+                   help="min-max each slice (as the 2D training chain) instead of the modality rule")
+    net = p.add_argument_group("network (build_segmentation_net arguments)")
+    net.add_argument("--in-channels", type=int, default=1)
+    net.add_argument("--out-channels", type=int, default=1)
+    net.add_argument("--channels", type=int, nargs="+", default=None, help="feature widths, e.g. 16 32 64 128 256")
+    net.add_argument("--strides", type=int, nargs="+", default=None, help="e.g. 2 2 2 2")
+    net.add_argument("--num-res-units", type=int, default=0)
+    net.add_argument("--norm", default="batch", choices=("batch", "instance", "none"))
+    net.add_argument("--act", default="prelu", choices=("prelu", "relu", "leakyrelu"))
+    net.add_argument("--size", default=None, choices=("paper",), help="paper: 64 base channels")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """CLI entry point; returns the written paths."""
+    from amvlm_monai.networks.segmentation import build_segmentation_net
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    net_kwargs = dict(spatial_dims=2, in_channels=args.in_channels, out_channels=args.out_channels,
+                      num_res_units=args.num_res_units, norm=args.norm, act=args.act, size=args.size)
+    if args.channels is not None:
+        net_kwargs["channels"] = tuple(args.channels)
+    if args.strides is not None:
+        net_kwargs["strides"] = tuple(args.strides)
+    try:
+        network = build_segmentation_net(**net_kwargs)
+        state = _state_dict(torch.load(args.model, map_location="cpu", weights_only=True))
+        network.load_state_dict(state)
+    except (ValueError, RuntimeError, OSError) as e:
+        parser.error(f"{args.model}: cannot load into build_segmentation_net({net_kwargs}): {e}")
+    size = args.image_size
+    image_size = None if size == [0] else size[0] if len(size) == 1 else size
+    seg = VolumeSegmenter(network, image_size=image_size, axis=args.axis, modality=args.modality,
+                          multiclass=args.multiclass, threshold=args.threshold, device=args.device,
+                          series_uid=args.series_uid, axcodes=args.axcodes, ct_window=args.ct_window,
+                          mr_norm=args.mr_norm, sw_batch_size=args.sw_batch_size, slice_minmax=args.slice_minmax)
+    written = []
+    for path in args.input:
+        try:
+            out = seg(path, args.output)
+        except (ValueError, FileNotFoundError) as e:  # unreadable or ambiguous input: the message names it
+            parser.error(str(e))
+        print(out)
+        written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,469 @@
+"""Clinical inputs: NIfTI volumes, DICOM series folders, single DICOM files and PNG/TIF/JPEG, loaded natively.
+
+Every format goes through MONAI's ``LoadImage`` with a reader picked by :func:`reader_for`, returning a channel-first
+``MetaTensor`` whose ``affine`` is the input's geometry (RAS, as MONAI's readers give it); nothing is reoriented or
+resampled here, so a prediction made on the array overlays the input voxel for voxel.
+
+- ``nifti``: ``NibabelReader``, any orientation -> ``(C, X, Y, Z)`` (C = 1, or the 4th dim of a 4D file).
+- ``dicom_series`` (a folder): ``ITKReader`` (GDCM sorts the slices by position, geometry kept); ``PydicomReader``
+  on the same files sorted by position where ITK is absent -> ``(1, X, Y, Z)``, Z ascending along the slice normal.
+- ``dicom`` (one file): ``PydicomReader`` (rescale slope/intercept applied) -> ``(1, X, Y)`` (``(1, X, Y, F)`` for a
+  multi-frame file).
+- ``image`` (PNG, TIF, JPEG, BMP): ``PILReader`` -> ``(1, W, H)``; RGB(A) averaged to grey.
+
+A folder holding several series raises a ``ValueError`` listing them; pass ``series_uid=`` to pick one. A file a
+reader cannot read raises ``ValueError`` naming it (the reader's exception is chained).
+
+Intensity by modality (:class:`IntensityByModality`), always to [0, 1]:
+
+- ``CT``: window ``ct_window`` (default (-160, 240) HU, clipped): -160 -> 0, 40 -> 0.5, 240 -> 1.
+- ``MR``: ``mr_norm="zscore"`` (default): z-score over the nonzero voxels (MONAI ``NormalizeIntensity(nonzero=True)``),
+  clipped to +-``z_clip`` and mapped linearly to [0, 1]; zero voxels (background, outside the scanned field) stay 0.
+  ``mr_norm="percentile"``: the ``percentiles`` (0.5, 99.5) window, clipped (robust to bright outliers).
+- any other DICOM modality (``XR``, ``CR``, ``DX``, ``MG``, ``US``, ``OT``, ...) and 2D image files: min-max to [0, 1]
+  (what the 2D training chain does).
+- ``"auto"``: the DICOM ``Modality`` tag when the input has one; 2D image files -> min-max; inputs without modality
+  information (NIfTI) -> the ``percentiles`` window with a warning. Pass ``modality="CT"`` or ``"MR"`` for NIfTI.
+
+Example:
+    >>> chain = Compose(clinical_load_chain(["image"], modality="auto"))
+    >>> chain({"image": "/data/case1/"})["image"].shape        # a DICOM series folder
+    torch.Size([1, 512, 512, 87])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import PathLike
+from monai.data import ITKReader, MetaTensor, NibabelReader, PILReader, PydicomReader
+from monai.data.image_reader import ImageReader
+from monai.transforms import (
+    EnsureTyped,
+    LoadImage,
+    MapTransform,
+    NormalizeIntensity,
+    ScaleIntensity,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Transform,
+)
+from monai.utils import optional_import
+
+__all__ = [
+    "FORMATS", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES", "DicomSeries", "detect_format", "list_dicom_series",
+    "select_dicom_series", "reader_for", "load_clinical", "ClinicalLoadd", "resolve_modality",
+    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain",
+]
+
+FORMATS = ("nifti", "dicom_series", "dicom", "image")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+MR_NORMS = ("zscore", "percentile")
+# the restriction MONAI's ITKReader puts on GDCM's series identifiers; kept identical so that names match
+_ITK_SERIES_RESTRICTION = "0008|0021"
+
+
+def _has_itk() -> bool:
+    """True when ``itk`` (with its GDCM IO) imports; tests monkeypatch this to force the pydicom fallback."""
+    return optional_import("itk")[1]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` name or a DICOM preamble (files from scanners often have no extension)."""
+    import pydicom
+
+    if _suffix(path) == ".dcm":
+        return True
+    try:
+        return pydicom.misc.is_dicom(str(path))
+    except OSError:
+        return False
+
+
+def detect_format(path: PathLike) -> str:
+    """The input's format: ``"nifti"`` | ``"dicom_series"`` (a folder) | ``"dicom"`` | ``"image"`` (PNG/TIF/JPEG/BMP).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a folder without DICOM files, or a file of an unsupported type (the message names it).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder.")
+    if p.is_dir():
+        if not any(f.is_file() and _is_dicom_file(f) for f in p.iterdir()):
+            raise ValueError(f"{p}: folder holds no DICOM files (a DICOM series folder was expected).")
+        return "dicom_series"
+    suffix = _suffix(p)
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if _is_dicom_file(p):
+        return "dicom"
+    raise ValueError(f"{p}: unsupported file type {suffix or '(no suffix)'!r}; expected NIfTI {NIFTI_SUFFIXES}, "
+                     f"DICOM (a .dcm file or a series folder) or an image {IMAGE_SUFFIXES}.")
+
+
+@dataclass
+class DicomSeries:
+    """One DICOM series of a folder: its image files sorted by position along the slice normal (ascending)."""
+
+    uid: str  # SeriesInstanceUID
+    files: list = field(default_factory=list)  # Paths, sorted by position
+    modality: str | None = None  # DICOM Modality (0008,0060), e.g. "CT"
+    description: str = ""  # SeriesDescription (0008,103E)
+    number: str = ""  # SeriesNumber (0020,0011)
+    problem: str = ""  # why the files do not stack into one volume ("" when they do)
+
+    def summary(self) -> str:
+        extra = ", ".join(x for x in (self.modality or "", f"#{self.number}" if self.number else "",
+                                      repr(self.description) if self.description else "",
+                                      f"not one volume: {self.problem}" if self.problem else "") if x)
+        files = f"{len(self.files)} file" + ("s" if len(self.files) != 1 else "")
+        return f"{self.uid} ({files}{', ' + extra if extra else ''})"
+
+
+def _read_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True, force=_suffix(path) == ".dcm")
+    except Exception as e:  # pydicom raises InvalidDicomError, EOFError, struct errors, ...
+        raise ValueError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}).") from e
+
+
+def _sort_by_position(items: list) -> tuple[list, str]:
+    """Sort ``(path, header)`` of one series by ImagePositionPatient along the slice normal (ascending).
+
+    Returns the sorted paths and a problem ("" when the slices stack into one volume).
+    """
+    by_number = [p for p, _ in sorted(items, key=lambda it: (int(it[1].get("InstanceNumber", 0) or 0), it[0].name))]
+    shapes = {(int(h.Rows), int(h.Columns)) for _, h in items}
+    if len(shapes) > 1:
+        return by_number, f"mixes image sizes {sorted(shapes)}"
+    if len(items) == 1 or not all("ImageOrientationPatient" in h and "ImagePositionPatient" in h for _, h in items):
+        return by_number, ""  # no geometry: InstanceNumber order is the only order there is
+    iops = [np.asarray(h.ImageOrientationPatient, float) for _, h in items]
+    if not all(np.allclose(o, iops[0], atol=1e-4) for o in iops):
+        return by_number, "mixes slice orientations (a localizer?)"
+    normal = np.cross(iops[0][:3], iops[0][3:])
+    pos = np.array([float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for _, h in items])
+    order = np.argsort(pos, kind="stable")
+    if np.min(np.diff(pos[order])) < 1e-4:
+        return by_number, "has several slices at one position (echoes or time points?)"
+    return [items[i][0] for i in order], ""
+
+
+def list_dicom_series(folder: PathLike) -> list[DicomSeries]:
+    """Every image series in ``folder`` (not recursive), files sorted by position; in SeriesNumber order.
+
+    Files that are not DICOM are skipped, as are DICOM files without pixel rows (DICOMDIR, reports). A series whose
+    slices do not stack into one volume (mixed sizes or orientations, repeated positions) is listed with its
+    ``problem``; :func:`select_dicom_series` refuses it.
+
+    Raises:
+        ValueError: a DICOM file whose header cannot be read (the message names it).
+    """
+    folder = Path(folder)
+    groups: dict[str, list] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or not _is_dicom_file(f):
+            continue
+        h = _read_header(f)
+        if "SeriesInstanceUID" not in h or "Rows" not in h:
+            continue
+        groups.setdefault(str(h.SeriesInstanceUID), []).append((f, h))
+    out = []
+    for uid, items in groups.items():
+        first = items[0][1]
+        files, problem = _sort_by_position(items)
+        out.append(DicomSeries(uid=uid, files=files, problem=problem, modality=str(first.get("Modality", "")) or None,
+                               description=str(first.get("SeriesDescription", "") or ""),
+                               number=str(first.get("SeriesNumber", "") or "")))
+    return sorted(out, key=lambda s: (s.number.zfill(8), s.uid))
+
+
+def select_dicom_series(folder: PathLike, series_uid: str | None = None) -> DicomSeries:
+    """The one series of ``folder``, or the one named by ``series_uid``.
+
+    Raises:
+        ValueError: no image series; several series and no ``series_uid`` (the message lists them all);
+            ``series_uid`` not found; the series does not stack into one volume.
+    """
+    series = list_dicom_series(folder)
+    listing = "\n".join(f"  - {s.summary()}" for s in series)
+    if not series:
+        raise ValueError(f"{folder}: no DICOM image series found.")
+    if series_uid is not None:
+        chosen = [s for s in series if s.uid == series_uid]
+        if not chosen:
+            raise ValueError(f"{folder}: no series with SeriesInstanceUID {series_uid}; found:\n{listing}")
+    elif len(series) > 1:
+        raise ValueError(f"{folder}: holds {len(series)} DICOM series; pick one with series_uid=... "
+                         f"(SeriesInstanceUID, files, modality, number, description):\n{listing}")
+    else:
+        chosen = series
+    if chosen[0].problem:
+        raise ValueError(f"{folder}: series {chosen[0].uid} {chosen[0].problem}; it is not one volume.")
+    return chosen[0]
+
+
+class _SortedSeriesPydicomReader(PydicomReader):
+    """``PydicomReader`` for one series (given files, sorted by position) of a folder: the fallback without ITK.
+
+    MONAI's ``PydicomReader`` reads every DICOM file of a folder and stacks them in InstanceNumber order. This reader
+    reads only ``files`` and renumbers their in-memory ``InstanceNumber`` 1..N in the given (position) order, so the
+    stack and its affine (first and last ImagePositionPatient) follow the slice positions. Files are not modified.
+    """
+
+    def __init__(self, files: Sequence[PathLike], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.files = [str(f) for f in files]
+
+    def read(self, data, **kwargs):
+        import pydicom
+
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # LoadImage passes a tuple
+        if len(names) != 1 or not Path(names[0]).is_dir():
+            return super().read(data, **kwargs)
+        kw = {**self.kwargs, **kwargs}
+        slices = []
+        for rank, f in enumerate(self.files, start=1):
+            ds = pydicom.dcmread(f, **kw)
+            ds.InstanceNumber = rank
+            slices.append(ds)
+        self.has_series = len(slices) > 1
+        self.filenames = [self.files] if self.has_series else [self.files[0]]
+        return slices if self.has_series else slices[0]
+
+
+def _itk_series_name(folder: Path, series: DicomSeries) -> str:
+    """GDCM's identifier (as MONAI's ``ITKReader`` computes it) of the series whose files are ``series.files``."""
+    import itk
+
+    gen = itk.GDCMSeriesFileNames.New()
+    gen.SetUseSeriesDetails(True)
+    gen.AddSeriesRestriction(_ITK_SERIES_RESTRICTION)
+    gen.SetDirectory(str(folder))
+    wanted = {os.path.realpath(f) for f in series.files}
+    names = [n for n in gen.GetSeriesUIDs() if {os.path.realpath(f) for f in gen.GetFileNames(n)} <= wanted]
+    if len(names) != 1 or {os.path.realpath(f) for f in gen.GetFileNames(names[0])} != wanted:
+        raise ValueError(f"{folder}: ITK splits series {series.uid} into {len(names)} parts (differing acquisition "
+                         "details); it is not one volume.")
+    return names[0]
+
+
+def reader_for(path: PathLike, series_uid: str | None = None, series: DicomSeries | None = None) -> ImageReader:
+    """A MONAI reader for ``path`` (see the module table); pass it to ``LoadImage(reader=...)``.
+
+    Args:
+        path: a NIfTI file, a DICOM series folder, a DICOM file or a PNG/TIF/JPEG/BMP image.
+        series_uid: the SeriesInstanceUID to read when a folder holds several series.
+        series: the already selected series of the folder (skips scanning it again).
+
+    Raises:
+        ValueError: as :func:`detect_format` and :func:`select_dicom_series`; ``series_uid`` given for a non-folder.
+    """
+    fmt = detect_format(path)
+    if series_uid is not None and fmt != "dicom_series":
+        raise ValueError(f"{path}: series_uid applies to DICOM series folders only, this is a {fmt} input.")
+    if fmt == "nifti":
+        return NibabelReader()
+    if fmt == "image":
+        return PILReader()
+    if fmt == "dicom":
+        return PydicomReader()
+    series = series or select_dicom_series(path, series_uid)
+    if _has_itk():
+        return ITKReader(series_name=_itk_series_name(Path(path), series), series_meta=True)
+    return _SortedSeriesPydicomReader(series.files)
+
+
+def load_clinical(path: PathLike, series_uid: str | None = None, grayscale: bool = True) -> MetaTensor:
+    """Load one clinical input as a channel-first ``MetaTensor`` with its geometry.
+
+    Args:
+        path: see :func:`reader_for`.
+        series_uid: the series to read from a folder holding several.
+        grayscale: average RGB(A) 2D images to one channel (as the training chain's ``ToGrayscaled``).
+
+    Returns:
+        ``(C, *spatial)`` float32 ``MetaTensor`` (shapes in the module table); ``meta`` adds ``"modality"`` (the DICOM
+        Modality or None) and ``"source_format"`` (one of ``FORMATS``); ``affine`` is the input's (RAS).
+
+    Raises:
+        ValueError: naming ``path`` (or the offending file) for unreadable, corrupt or ambiguous inputs.
+    """
+    fmt = detect_format(path)
+    series, modality = None, None
+    if fmt == "dicom_series":
+        series = select_dicom_series(path, series_uid)
+        modality = series.modality
+    elif fmt == "dicom":
+        modality = str(_read_header(Path(path)).get("Modality", "")) or None
+    reader = reader_for(path, series_uid, series=series)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*more than one DICOM series.*")
+            img = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
+    except Exception as e:  # each reader fails in its own way on truncated or corrupt data
+        raise ValueError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {e}).") from e
+    if grayscale and img.ndim == 3 and img.shape[0] in (3, 4):
+        img = img[:3].mean(dim=0, keepdim=True)
+    img.meta["modality"] = modality
+    img.meta["source_format"] = fmt
+    return img
+
+
+class ClinicalLoadd(MapTransform):
+    """Dictionary loader for clinical inputs: each of ``keys`` holds a path, replaced by :func:`load_clinical`'s
+    ``(C, *spatial)`` ``MetaTensor``.
+
+    Args:
+        keys: the path keys.
+        series_uid: the series to read from folders holding several.
+        grayscale: average RGB(A) 2D images to one channel.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, series_uid: str | None = None, grayscale: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.series_uid = series_uid
+        self.grayscale = grayscale
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = load_clinical(d[key], series_uid=self.series_uid, grayscale=self.grayscale)
+        return d
+
+
+_DICOM_MODALITY_KEYS = ("modality", "0008|0060", "00080060")  # ours, ITKReader's, PydicomReader's (JSON) keys
+
+
+def resolve_modality(img: torch.Tensor | np.ndarray, modality: str = "auto") -> str | None:
+    """The modality an image is handled as: ``modality`` upper-cased, or with ``"auto"`` the DICOM Modality found in
+    the image's ``meta``; ``"IMAGE"`` for a 2D image file without one; ``None`` when nothing says (NIfTI)."""
+    if modality != "auto":
+        return str(modality).upper()
+    meta = getattr(img, "meta", {}) or {}
+    for key in _DICOM_MODALITY_KEYS:
+        value = meta.get(key)
+        if isinstance(value, dict):  # pydicom JSON form {"vr": "CS", "Value": ["CT"]}
+            value = (value.get("Value") or [None])[0]
+        if isinstance(value, str) and value.strip():
+            return value.strip().upper()
+    if meta.get("source_format") == "image":
+        return "IMAGE"
+    return None
+
+
+class IntensityByModality(Transform):
+    """Intensity to [0, 1] by modality (rules in the module docstring).
+
+    Args:
+        modality: ``"auto"`` or a DICOM modality code (``"CT"``, ``"MR"``, ``"XR"``, ``"CR"``, ...).
+        ct_window: (low, high) HU of the CT window.
+        mr_norm: ``"zscore"`` (nonzero z-score, clipped to +-``z_clip``) or ``"percentile"``.
+        z_clip: z-scores beyond +-``z_clip`` are clipped (MR ``zscore``).
+        percentiles: (low, high) percentiles of the fallback window (and of MR ``percentile``).
+
+    ``__call__(img (C, *spatial))`` returns the same shape and type, ``meta["intensity"]`` naming the rule applied.
+
+    Example:
+        >>> IntensityByModality("CT")(torch.tensor([[-160.0, 40.0, 240.0, 1000.0]]))
+        tensor([[0.0000, 0.5000, 1.0000, 1.0000]])
+    """
+
+    def __init__(self, modality: str = "auto", ct_window: Sequence[float] = (-160.0, 240.0), mr_norm: str = "zscore",
+                 z_clip: float = 3.0, percentiles: Sequence[float] = (0.5, 99.5)) -> None:
+        if not isinstance(modality, str) or not modality.strip():
+            raise ValueError(f"modality must be 'auto' or a DICOM modality code such as 'CT', got {modality!r}.")
+        if len(ct_window) != 2 or not float(ct_window[0]) < float(ct_window[1]):
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {ct_window!r}.")
+        if mr_norm not in MR_NORMS:
+            raise ValueError(f"mr_norm must be one of {MR_NORMS}, got {mr_norm!r}.")
+        if not float(z_clip) > 0:
+            raise ValueError(f"z_clip must be positive, got {z_clip!r}.")
+        if len(percentiles) != 2 or not 0.0 <= float(percentiles[0]) < float(percentiles[1]) <= 100.0:
+            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}.")
+        self.modality = modality if modality == "auto" else modality.upper()
+        self.ct_window = (float(ct_window[0]), float(ct_window[1]))
+        self.mr_norm = mr_norm
+        self.z_clip = float(z_clip)
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+
+    def _percentile(self, img):
+        return ScaleIntensityRangePercentiles(lower=self.percentiles[0], upper=self.percentiles[1], b_min=0.0,
+                                              b_max=1.0, clip=True)(img)
+
+    def __call__(self, img, modality: str | None = None):
+        mod = resolve_modality(img, modality or self.modality)
+        if mod == "CT":
+            lo, hi = self.ct_window
+            out, rule = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(img), \
+                f"ct_window({lo:g}, {hi:g})"
+        elif mod == "MR" and self.mr_norm == "zscore":
+            z = NormalizeIntensity(nonzero=True)(img)
+            out = ScaleIntensityRange(a_min=-self.z_clip, a_max=self.z_clip, b_min=0.0, b_max=1.0, clip=True)(z)
+            out = out * (img != 0)  # background stays 0
+            rule = f"mr_zscore_nonzero(clip {self.z_clip:g})"
+        elif mod is None or (mod == "MR" and self.mr_norm == "percentile"):
+            if mod is None:
+                name = getattr(img, "meta", {}).get("filename_or_obj", "input")
+                warnings.warn(f"{name}: no modality information; scaling the {self.percentiles} percentiles to "
+                              "[0, 1]. Pass modality='CT' (HU window) or 'MR' for NIfTI inputs.", stacklevel=2)
+            out, rule = self._percentile(img), f"percentiles{self.percentiles}"
+        else:  # XR, CR, DX, MG, US, OT, ... and 2D image files
+            out, rule = ScaleIntensity(minv=0.0, maxv=1.0)(img), "minmax"
+        if isinstance(out, MetaTensor):
+            out.meta["intensity"] = rule
+            out.meta["modality"] = mod
+        return out
+
+
+class IntensityByModalityd(MapTransform):
+    """Dictionary version of :class:`IntensityByModality` (same arguments after ``keys``)."""
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, modality: str = "auto",
+                 ct_window: Sequence[float] = (-160.0, 240.0), mr_norm: str = "zscore", z_clip: float = 3.0,
+                 percentiles: Sequence[float] = (0.5, 99.5), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scaler = IntensityByModality(modality, ct_window=ct_window, mr_norm=mr_norm, z_clip=z_clip,
+                                          percentiles=percentiles)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.scaler(d[key])
+        return d
+
+
+def clinical_load_chain(keys: Sequence[str], modality: str = "auto", ct_window: Sequence[float] = (-160.0, 240.0),
+                        mr_norm: str = "zscore", series_uid: str | None = None, grayscale: bool = True) -> list:
+    """Load clinical inputs and scale their intensity by modality to [0, 1]; geometry kept (no resizing).
+
+    Returns a list of transforms (wrap in ``Compose``): :class:`ClinicalLoadd`, :class:`IntensityByModalityd`,
+    ``EnsureTyped(track_meta=True)``. Each key ends as a ``(C, *spatial)`` float32 ``MetaTensor`` whose ``affine`` is
+    the input's. Follow it with the 2D chain's normalisation to [-1, 1] before a trained network.
+    """
+    keys = list(keys)
+    return [
+        ClinicalLoadd(keys, series_uid=series_uid, grayscale=grayscale),
+        IntensityByModalityd(keys, modality=modality, ct_window=ct_window, mr_norm=mr_norm),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
+    ]
