@@ -80,11 +80,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["supervised", "mean_teacher", "amvlm"])
     parser.add_argument("--labeled-percent", type=int, default=25)
+    parser.add_argument("--n-train", type=int, default=None, help="training images to generate")
+    parser.add_argument("--pre-epochs", type=int, default=None, help="stage-1 epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="stage-2 epochs")
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
     sizes = dict(n_train=24, n_val=8, n_test=8, pre_epochs=1, epochs=2) if args.quick else \
         dict(n_train=320, n_val=60, n_test=120, pre_epochs=20, epochs=30)
+    for key in ("n_train", "pre_epochs", "epochs"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
     variants = list(VARIANTS) if args.ablation else args.variants
     raw, data = work / "raw", work / "data"
 

@@ -194,6 +194,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         guidance: optional :class:`TextGuidance`.
         multiclass: softmax outputs (one-hot labels built from index labels) instead of sigmoid.
         ema_max_alpha: the teacher's EMA ceiling (0.99).
+        teacher_noise: std of the Gaussian noise (clipped at twice the std) added to the teacher's input, so that
+            student and teacher see different perturbations (Tarvainen and Valpola's Mean-Teacher); 0 disables.
         amp, grad_clip: see :class:`~amvlm_monai.engines.step.OptimStep`.
     """
 
@@ -202,7 +204,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
                  unlabeled_loader: Optional[Iterable] = None, teacher: Optional[nn.Module] = None,
                  consistency_loss: Optional[Callable] = None, consistency_max: float = 1.0,
                  rampup_epochs: float = 10.0, guidance: Optional[TextGuidance] = None, multiclass: bool = False,
-                 ema_max_alpha: float = 0.99, epoch_length: Optional[int] = None,
+                 ema_max_alpha: float = 0.99, teacher_noise: float = 0.1, epoch_length: Optional[int] = None,
                  train_handlers: Optional[Sequence] = None, amp: bool = False, grad_clip: Optional[float] = None,
                  **kwargs: Any) -> None:
         if unlabeled_loader is not None and (teacher is None or consistency_loss is None):
@@ -224,6 +226,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.guidance = guidance
         self.multiclass = multiclass
         self.ema_max_alpha = ema_max_alpha
+        if teacher_noise < 0:
+            raise ValueError(f"teacher_noise must be >= 0, got {teacher_noise}.")
+        self.teacher_noise = teacher_noise
         self.use_amp = amp
         params = list(network.parameters()) + (list(guidance.parameters()) if guidance is not None else [])
         self.step = OptimStep(optimizer, params, device, amp=amp, grad_clip=grad_clip)
@@ -262,7 +267,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 x_u, logits_u = x_all[n_l:], logits[n_l:]
                 with torch.no_grad():
                     engine.teacher.eval()
-                    teacher_logits = engine.teacher(x_u).float()
+                    noise = (torch.randn_like(x_u) * engine.teacher_noise).clamp(-2 * engine.teacher_noise,
+                                                                                  2 * engine.teacher_noise)
+                    teacher_logits = engine.teacher(x_u + noise).float()
                 if engine.guidance is not None:
                     texts = list(batchdata["text"]) + list(unl["text"])
                     masks, tg = engine.guidance(x_all, texts)
