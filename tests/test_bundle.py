@@ -175,3 +175,22 @@ def test_multiclass_spine_bundle_end_to_end(spine_bundle, tmp_path):
     _run(spine_bundle, "evaluating", ["train.json", "evaluate.json"], dataset_dir=str(data), **TINY_OVERRIDES)
     scores = read_scores_csv(spine_bundle / "eval" / "scores_test.csv")
     assert scores["class_names"][:3] == ["S", "L5", "L4"] and scores["dice_per_class"].shape[1] == 19
+
+
+def test_multi_gpu_overlay_runs_with_gloo_on_two_cpu_processes(bundle_copy, demo_data, tmp_path):
+    """The torchrun command of the README, on CPU: gloo backend, each rank its own shard."""
+    import subprocess
+    import sys
+
+    configs = str(_configs(bundle_copy, "train.json", "variants/mean_teacher.json", "multi_gpu_train.json"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m",
+           "monai.bundle", "run", "training", "--config_file", configs, "--dataset_dir", str(demo_data),
+           "--ckpt_dir", str(tmp_path), "--bundle_root", str(bundle_copy)]
+    for key, value in TINY_OVERRIDES.items():
+        cmd += [f"--{key}", repr(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=bundle_copy, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "model.pt").is_file()
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
