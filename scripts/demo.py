@@ -87,7 +87,7 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     sizes = dict(n_train=24, n_val=8, n_test=8, pre_epochs=1, epochs=2) if args.quick else \
-        dict(n_train=320, n_val=60, n_test=120, pre_epochs=20, epochs=30)
+        dict(n_train=240, n_val=60, n_test=120, pre_epochs=10, epochs=20)
     for key in ("n_train", "pre_epochs", "epochs"):
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)

@@ -156,3 +156,18 @@ def test_pretrainer_stops_on_non_finite_loss_naming_the_batch(tiny_amvlm):
     trainer = AMVLMPretrainer("cpu", 1, [batch], tiny_amvlm, opt, AMVLMLoss())
     with pytest.raises((FloatingPointError, ValueError), match="(?i)non-finite|not finite"):
         trainer.run()
+
+
+def test_pretrainer_amp_path_runs_on_cpu_with_bfloat16(tiny_amvlm):
+    """AMP is configuration, not a fork: on CPU it autocasts to bfloat16 and the losses stay float32 and finite."""
+    from amvlm_monai.engines.pretrainer import AMVLMPretrainer
+
+    x = torch.randn(4, 1, 32, 32)
+    batch = {"image": x, "image_aug": x.flip(-1), "text": REPORTS, "text_aug": REPORTS[::-1]}
+    opt = torch.optim.Adam(tiny_amvlm.parameters(), lr=1e-3)
+    outputs = []
+    trainer = AMVLMPretrainer("cpu", 1, [batch, batch], tiny_amvlm, opt, AMVLMLoss(), amp=True)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    trainer.run()
+    assert trainer.step.scaler is None  # the grad scaler is for CUDA float16 only
+    assert len(outputs) == 2 and all(math.isfinite(o["loss"]) for o in outputs)
