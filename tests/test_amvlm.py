@@ -171,3 +171,15 @@ def test_pretrainer_amp_path_runs_on_cpu_with_bfloat16(tiny_amvlm):
     trainer.run()
     assert trainer.step.scaler is None  # the grad scaler is for CUDA float16 only
     assert len(outputs) == 2 and all(math.isfinite(o["loss"]) for o in outputs)
+
+
+def test_pretraining_param_groups_give_the_text_encoder_its_own_rate(tiny_amvlm):
+    from amvlm_monai.engines.step import param_groups
+
+    groups = param_groups(tiny_amvlm, lr=1e-3, text_lr=3e-5)
+    text = {id(p) for p in tiny_amvlm.text_encoder.parameters() if p.requires_grad}
+    assert [g["lr"] for g in groups] == [1e-3, 3e-5]
+    assert {id(p) for p in groups[1]["params"]} == text
+    listed = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in tiny_amvlm.parameters() if p.requires_grad]
+    assert sorted(listed) == sorted(trainable) and len(set(listed)) == len(listed)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["autocast", "check_finite", "OptimStep", "scalars", "trainable_parameters"]
+__all__ = ["autocast", "check_finite", "OptimStep", "scalars", "trainable_parameters", "param_groups"]
 
 
 def trainable_parameters(modules: Iterable[torch.nn.Module | None]) -> list[torch.nn.Parameter]:
@@ -77,3 +77,19 @@ class OptimStep:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+
+def param_groups(model: torch.nn.Module, lr: float, text_lr: float, text_prefix: str = "text_encoder.") -> list[dict]:
+    """Optimiser groups for pretraining: the pretrained text encoder at ``text_lr``, everything else at ``lr``.
+
+    A BERT-family encoder fine-tuned at the rate that suits a ViT trained from scratch collapses (every report then
+    embeds alike); the paper uses 3e-5 for both. Only trainable parameters are listed, each once.
+    """
+    text, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (text if name.startswith(text_prefix) else rest).append(p)
+    groups = [{"params": rest, "lr": lr}]
+    if text:
+        groups.append({"params": text, "lr": text_lr})
+    return groups
