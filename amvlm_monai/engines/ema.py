@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from amvlm_monai.networks.momentum import momentum_update
+
 __all__ = ["EMATeacher", "make_teacher", "ema_update", "ema_alpha"]
 
 
@@ -100,24 +102,5 @@ def ema_update(
         if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
         a = float(alpha)
-    t_mod, s_mod = _unwrap(teacher), _unwrap(student)
-    t_params, s_params = dict(t_mod.named_parameters()), dict(s_mod.named_parameters())
-    t_bufs, s_bufs = dict(t_mod.named_buffers()), dict(s_mod.named_buffers())
-    for kind, t_d, s_d in (("parameters", t_params, s_params), ("buffers", t_bufs, s_bufs)):
-        if t_d.keys() != s_d.keys():
-            diff = sorted(set(t_d) ^ set(s_d))
-            raise ValueError(f"teacher and student {kind} differ: {diff[:8]}.")
-        for name, t in t_d.items():
-            if t.shape != s_d[name].shape:
-                raise ValueError(
-                    f"shape mismatch for {name}: teacher {tuple(t.shape)} vs student {tuple(s_d[name].shape)}."
-                )
-    for name, t in t_params.items():
-        t.mul_(a).add_(s_params[name].detach(), alpha=1.0 - a)
-    for name, t in t_bufs.items():
-        s = s_bufs[name]
-        if torch.is_floating_point(t):
-            t.mul_(a).add_(s, alpha=1.0 - a)
-        else:
-            t.copy_(s)
+    momentum_update(_unwrap(teacher), _unwrap(student), a)  # the one EMA step: parameters and buffers
     return a
