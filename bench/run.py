@@ -41,7 +41,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_text_cache(repeats: int) -> dict:
-    from amvlm_monai.engines.mean_teacher import PatchEncoder, TextGuidance
+    from amvlm_monai.networks.guidance import PatchEncoder, TextGuidance
     from amvlm_monai.losses.text_guided import TextGuidedLoss
     from amvlm_monai.networks.amvlm import AMVLM
     from amvlm_monai.networks.mask_generator import TextMaskGenerator

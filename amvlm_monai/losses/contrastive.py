@@ -5,8 +5,8 @@ All losses take embeddings that are **already L2-normalised** (the heads normali
 
 Numerics: every loss here (and in :mod:`~amvlm_monai.losses.css` and :mod:`~amvlm_monai.losses.icl`) runs its
 similarities, softmax and logsumexp in float32 (float64 inputs stay float64) with autocast switched off inside
-(:func:`float32_inputs`), and raises :class:`NonFiniteLossError` naming the loss when the result is NaN or Inf
-(:func:`check_finite`).
+(:func:`~amvlm_monai.losses.checks.float32_inputs`), and raises :class:`NonFiniteLossError` naming the loss when the
+result is NaN or Inf (:func:`~amvlm_monai.losses.checks.check_finite`).
 
 Logits follow open_clip's recipe "build logits, build labels, cross-entropy". The global negatives come from
 ``_gather``: in this single-process version it is the identity with label offset 0; a distributed version would
@@ -15,101 +15,30 @@ all-gather the other modality there and offset the labels by ``rank * B``.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from amvlm_monai.losses.checks import (
+    REDUCTIONS,
+    NonFiniteLossError,
+    check_choice,
+    check_finite,
+    check_mask,
+    check_shape,
+    check_temperature,
+    float32_inputs,
+    reduce,
+)
+
 __all__ = [
     "NonFiniteLossError",
-    "check_finite",
-    "float32_inputs",
     "info_nce",
     "ImageTextContrastiveLoss",
     "LocalGlobalLoss",
 ]
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-class NonFiniteLossError(ValueError, FloatingPointError):
-    """A loss came out NaN or Inf (caught by ``except ValueError`` and ``except FloatingPointError`` alike)."""
-
-
-def check_finite(value: torch.Tensor, name: str) -> torch.Tensor:
-    """Return ``value`` unchanged, or raise :class:`NonFiniteLossError` naming ``name`` if any entry is NaN/Inf."""
-    if not bool(torch.isfinite(value.detach()).all()):
-        raise NonFiniteLossError(
-            f"{name}: the loss is not finite ({value.detach().flatten()[:4].tolist()} ...); "
-            "check the inputs for NaN/Inf (embeddings must be finite and L2-normalised)."
-        )
-    return value
-
-
-@contextlib.contextmanager
-def float32_inputs(*tensors: Optional[torch.Tensor]) -> Iterator[tuple]:
-    """Context manager: autocast off, and the given tensors promoted to at least float32 (None passes through).
-
-    Example:
-        >>> with float32_inputs(torch.ones(2, dtype=torch.bfloat16), None) as (a, b):
-        ...     a.dtype, b
-        (torch.float32, None)
-    """
-    dev = next((t.device.type for t in tensors if t is not None), "cpu")
-    out = tuple(None if t is None else t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
-    try:
-        ctx = torch.autocast(device_type=dev, enabled=False)
-    except RuntimeError:  # a device type autocast does not know: nothing to switch off
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield out
-
-
-def check_temperature(value: float, name: str = "temperature") -> float:
-    """Validate a temperature (a finite number > 0) and return it as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def check_choice(value: str, name: str, allowed: tuple) -> str:
-    """Validate a string option against its allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-    return value
-
-
-def check_shape(t: torch.Tensor, name: str, shape: tuple) -> None:
-    """Raise ValueError unless ``t`` is a tensor of ``shape`` (None entries match any size)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}.")
-
-
-def check_mask(mask: torch.Tensor, name: str, shape: tuple) -> None:
-    """Raise ValueError unless ``mask`` is a bool tensor of ``shape`` (True = real token)."""
-    check_shape(mask, name, shape)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor (True = real token), got dtype {mask.dtype}.")
-
-
-def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dim restricted to ``valid`` entries; 0 at invalid entries and in rows with none.
-
-    Never produces NaN (forward or backward), whatever the invalid entries hold.
-    """
-    valid = valid.expand_as(logits)
-    has_any = valid.any(-1, keepdim=True)
-    x = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
-    x = torch.where(has_any, x, torch.zeros_like(x))
-    logp = torch.log_softmax(x, dim=-1)
-    return torch.where(valid, logp, torch.zeros_like(logp))
-
 
 def info_nce(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row InfoNCE: the cross-entropy of each row of ``logits`` against its target column.
@@ -137,14 +66,6 @@ def info_nce(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -> to
         return F.cross_entropy(x, targets.long(), reduction="none")
 
 
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
-
-
 class ImageTextContrastiveLoss(_Loss):
     """L_ita: symmetric InfoNCE between image and report CLS embeddings (CLIP / MGCA's global loss).
 
@@ -156,7 +77,7 @@ class ImageTextContrastiveLoss(_Loss):
     """
 
     def __init__(self, temperature: float = 0.07, reduction: str = "mean") -> None:
-        check_choice(reduction, "reduction", _REDUCTIONS)
+        check_choice(reduction, "reduction", REDUCTIONS)
         super().__init__(reduction=reduction)
         self.temperature = check_temperature(temperature)
 
@@ -186,7 +107,7 @@ class ImageTextContrastiveLoss(_Loss):
             labels = torch.arange(img.shape[0], device=img.device) + offset
             i2t = info_nce(img @ all_txt.T / self.temperature, labels)
             t2i = info_nce(txt @ all_img.T / self.temperature, labels)
-            loss = _reduce((i2t + t2i) / 2, self.reduction)
+            loss = reduce((i2t + t2i) / 2, self.reduction)
         return check_finite(loss, type(self).__name__)
 
 

@@ -15,9 +15,8 @@ from typing import Mapping, Optional
 import torch
 from torch.nn.modules.loss import _Loss
 
-from amvlm_monai.losses.contrastive import (
-    _REDUCTIONS,
-    _reduce,
+from amvlm_monai.losses.checks import (
+    REDUCTIONS,
     check_choice,
     check_finite,
     check_mask,
@@ -25,6 +24,7 @@ from amvlm_monai.losses.contrastive import (
     check_temperature,
     float32_inputs,
     masked_log_softmax,
+    reduce,
 )
 
 __all__ = ["w2_pairwise", "attention_token_weights", "CSSLoss"]
@@ -147,7 +147,7 @@ class CSSLoss(_Loss):
 
     def __init__(self, temperature: float = 0.07, pdt_mode: str = "modulate", token_weighting: str = "uniform",
                  soft_temperature: float = 1.0, eps: float = 1e-6, reduction: str = "mean") -> None:
-        check_choice(reduction, "reduction", _REDUCTIONS)
+        check_choice(reduction, "reduction", REDUCTIONS)
         super().__init__(reduction=reduction)
         self.temperature = check_temperature(temperature)
         self.pdt_mode = check_choice(pdt_mode, "pdt_mode", _PDT_MODES)
@@ -244,5 +244,5 @@ class CSSLoss(_Loss):
                 a_v, a_t = a_v / p, a_t / a_t.sum(1, keepdim=True).clamp_min(1)
             l_v2t = self._direction(v, tv, patch_mask, a_v, *pv)
             l_t2v = self._direction(t, vt, word_mask, a_t, *pt)
-            loss = _reduce((l_v2t + l_t2v) / 2, self.reduction)
+            loss = reduce((l_v2t + l_t2v) / 2, self.reduction)
         return check_finite(loss, type(self).__name__)

@@ -11,15 +11,15 @@ from typing import Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from amvlm_monai.losses.contrastive import (
+from amvlm_monai.losses.checks import (
     check_finite,
     check_mask,
     check_shape,
     check_temperature,
     float32_inputs,
-    info_nce,
     masked_log_softmax,
 )
+from amvlm_monai.losses.contrastive import info_nce
 
 __all__ = ["ICLLoss"]
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch.nn.modules.loss import _Loss
 
+from amvlm_monai.losses.checks import REDUCTIONS
+
 __all__ = [
     "fuse_pseudo_labels",
     "ConsistencyLoss",
@@ -23,7 +25,6 @@ __all__ = [
 ]
 
 _MODES = ("logit", "authors")
-_REDUCTIONS = ("mean", "sum", "none")
 
 # Range of mode="authors" for text masks in [0, 1]: sigmoid(P_T + T) with P_T, T in [0, 1].
 AUTHORS_FUSION_RANGE = (0.5, 1.0 / (1.0 + math.exp(-2.0)))  # (0.5, 0.8808)
@@ -144,8 +145,8 @@ class ConsistencyLoss(_Loss):
         include_background: bool = True,
         reduction: str = "mean",
     ) -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
         super().__init__(reduction=reduction)
         if not (math.isfinite(dice_weight) and dice_weight >= 0):
             raise ValueError(f"dice_weight must be a finite number >= 0, got {dice_weight!r}.")

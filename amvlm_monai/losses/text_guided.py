@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from amvlm_monai.losses.checks import REDUCTIONS
+
 __all__ = ["TextGuidedLoss", "masked_pool"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def masked_pool(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -63,8 +64,8 @@ class TextGuidedLoss(_Loss):
         eps: float = 1e-6,
         reduction: str = "mean",
     ) -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
         super().__init__(reduction=reduction)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")

@@ -23,6 +23,10 @@ _EXPORTS = {
     "MomentumCopy": "momentum",
     "momentum_copy": "momentum",
     "momentum_update": "momentum",
+    "TextMaskGenerator": "mask_generator",
+    "PatchEncoder": "guidance",
+    "TextGuidance": "guidance",
+    "build_text_guidance": "guidance",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,150 @@
+"""Text guidance of stage 2: the frozen stage-1 towers, the text mask generator on them, and L_tg.
+
+:class:`PatchEncoder` turns the frozen stage-1 image tower into the patch grid that the
+:class:`~amvlm_monai.networks.mask_generator.TextMaskGenerator` decodes; :class:`TextGuidance` gives the text masks
+of a batch, the text-guided loss that trains their decoder, and the fusion of teacher and text masks into pseudo
+labels. The Mean-Teacher engine (:mod:`amvlm_monai.engines.mean_teacher`) calls it once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amvlm_monai.losses.semi import fuse_pseudo_labels
+from amvlm_monai.networks.mask_generator import TextMaskGenerator
+
+__all__ = ["PatchEncoder", "TextGuidance", "build_text_guidance"]
+
+
+class PatchEncoder(nn.Module):
+    """Frozen stage-1 image tower as the mask generator expects it: (B, C, H, W) -> patches (B, P, D).
+
+    Images are resized to the encoder's input size when the segmentation runs at another size.
+    """
+
+    def __init__(self, amvlm: nn.Module) -> None:
+        super().__init__()
+        self.encoder = amvlm.image_encoder
+        self.head = amvlm.image_local
+        size = amvlm.config["image_size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False)
+        out = self.encoder(images)
+        return self.head(out.tokens, out.mask)
+
+
+class TextGuidance(nn.Module):
+    """Text masks from a frozen stage-1 AMVLM, and the text-guided loss that trains their decoder.
+
+    The frozen text tower's embedding of each distinct report is computed once and cached (reports repeat across
+    epochs), never every step.
+
+    Args:
+        amvlm: the pretrained :class:`~amvlm_monai.networks.amvlm.AMVLM` (frozen here).
+        generator: a :class:`~amvlm_monai.networks.mask_generator.TextMaskGenerator` on ``PatchEncoder(amvlm)``.
+        tg_loss: a :class:`~amvlm_monai.losses.text_guided.TextGuidedLoss`, or None (decoder stays untrained:
+            the ablation rows MT + CSS / ICL without L_tg).
+        tg_weight: weight of L_tg in the total loss.
+        fusion_lambda: lambda of the logit-space fusion.
+        fusion_mode: "logit" (default) or "authors" (sigmoid(P_T + T), kept for comparison).
+        class_prompts: multi-class data: one prompt per foreground class (K = C - 1 masks); None: the paired report.
+    """
+
+    def __init__(self, amvlm: nn.Module, generator: TextMaskGenerator, tg_loss: Optional[nn.Module] = None,
+                 tg_weight: float = 1.0, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
+                 class_prompts: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        if fusion_mode not in ("logit", "authors"):
+            raise ValueError(f"fusion_mode must be 'logit' or 'authors', got '{fusion_mode}'.")
+        self.amvlm = amvlm.requires_grad_(False).eval()
+        self.generator = generator
+        self.tg_loss = tg_loss
+        self.tg_weight = tg_weight
+        self.fusion_lambda = fusion_lambda
+        self.fusion_mode = fusion_mode
+        self.class_prompts = list(class_prompts) if class_prompts else None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "TextGuidance":
+        super().train(mode)
+        self.amvlm.eval()  # frozen towers keep their BatchNorm statistics
+        return self
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """(N,) reports -> (N, D) frozen global text embeddings, each distinct report encoded once."""
+        new = sorted({t for t in texts if t not in self._cache})
+        if new:
+            self.amvlm.eval()
+            emb = self.amvlm.text_embeddings(new).float().cpu()
+            self._cache.update(zip(new, emb))
+        return torch.stack([self._cache[t] for t in texts]).to(device)
+
+    def prompts(self, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Prompt embeddings per image, (B, K, D): the paired report, or the shared class prompts."""
+        if self.class_prompts is None:
+            return self.text_features(texts, device).unsqueeze(1)
+        shared = self.text_features(self.class_prompts, device)
+        return shared.unsqueeze(0).expand(len(texts), -1, -1)
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Text masks and L_tg for a batch.
+
+        Args:
+            images: (B, C, H, W).
+            texts: B paired reports.
+
+        Returns:
+            masks (B, K, H, W) in [0, 1] (detached: they only supervise through the pseudo labels) and L_tg
+            (a scalar with gradient into the decoder and the scale) or None when there is no ``tg_loss``.
+        """
+        prompts = self.prompts(texts, images.device)
+        dense = self.generator.dense(images)
+        low = self.generator.masks(dense, prompts)
+        masks = F.interpolate(low.detach(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if self.tg_loss is None:
+            return masks, None
+        text = self.text_features(texts, images.device)
+        if getattr(self.tg_loss, "extended", False):
+            pair_masks = self.generator.masks(dense, text)  # (B, B, h, w): every report on every image
+        else:
+            pair_masks = self.generator.masks(dense, text.unsqueeze(1))[:, 0]
+        return masks, self.tg_loss(dense, pair_masks, text)
+
+    def fuse(self, teacher_logits: torch.Tensor, masks: torch.Tensor, multiclass: bool) -> torch.Tensor:
+        """Pseudo labels (B, C, H, W) from teacher logits and text masks.
+
+        Binary: masks (B, 1, H, W). Multi-class: masks (B, C-1, H, W) for the foreground classes; the background's
+        text mask is taken as 1 - max over the foreground masks.
+        """
+        if multiclass and masks.shape[1] == teacher_logits.shape[1] - 1:
+            background = 1 - masks.max(dim=1, keepdim=True)[0]
+            masks = torch.cat([background, masks], dim=1)
+        return fuse_pseudo_labels(teacher_logits, masks, lam=self.fusion_lambda, mode=self.fusion_mode,
+                                  multiclass=multiclass)
+
+
+def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float = 1.0, extended: bool = False,
+                        temperature: float = 0.07, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
+                        num_blocks: int = 2, class_prompts: Optional[Sequence[str]] = None,
+                        text_model: Optional[str] = None, device: str | torch.device = "cpu") -> TextGuidance:
+    """A :class:`TextGuidance` on a stage-1 checkpoint (see :func:`~amvlm_monai.networks.amvlm.load_amvlm`)."""
+    from amvlm_monai.losses.text_guided import TextGuidedLoss
+    from amvlm_monai.networks.amvlm import load_amvlm
+
+    amvlm = load_amvlm(checkpoint, text_model=text_model)
+    patches = PatchEncoder(amvlm)
+    grid = tuple(amvlm.image_encoder.grid_size)
+    generator = TextMaskGenerator(patches, grid_size=grid, embed_dim=amvlm.config["embed_dim"],
+                                  num_blocks=num_blocks)
+    tg = TextGuidedLoss(temperature=temperature, extended=extended) if use_tg else None
+    guidance = TextGuidance(amvlm, generator, tg, tg_weight, fusion_lambda, fusion_mode, class_prompts)
+    return guidance.to(device)
