@@ -1,10 +1,13 @@
-"""Ignite pieces the bundles use: stage-1 checkpoints and per-image segmentation scores."""
+"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores and model selection."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 from ignite.engine import Engine, Events
@@ -12,7 +15,34 @@ from ignite.metrics import Metric
 
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
-__all__ = ["SavePretrained", "SegmentationMetric"]
+__all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel", "atomic_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside an EMA teacher or a DistributedDataParallel wrapper."""
+    while hasattr(net, "module") and isinstance(net.module, torch.nn.Module):
+        net = net.module
+    return net
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class SavePretrained:
@@ -38,38 +68,51 @@ class SavePretrained:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        net = getattr(self.network, "module", self.network)
-        ckpt = {"model": net.state_dict(), "config": net.config, "epoch": engine.state.epoch}
-        if self.optimizer is not None:
-            ckpt["optimizer"] = self.optimizer.state_dict()
-        tmp = self.path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.path)  # a crash mid-save never leaves a truncated checkpoint behind
+        save_pretrained(self.path, self.network, self.optimizer, engine.state.epoch)
+
+
+def save_pretrained(path: str, network: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    epoch: Optional[int] = None) -> None:
+    """Write a stage-1 checkpoint (``model``, ``config``, ``epoch`` and, if given, ``optimizer``) atomically."""
+    net = _unwrap(network)
+    ckpt = {"model": net.state_dict(), "config": net.config, "epoch": epoch}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    atomic_save(ckpt, path)
 
 
 class SegmentationMetric(Metric):
-    """Per-image Dice and IoU (both computed; ``metric`` picks the one returned) as an ignite metric.
+    """Per-image segmentation scores as an ignite metric; ``metric`` picks the one returned.
 
     Reads ``(pred, label)`` from the engine output: ``pred`` logits (B, C, H, W), ``label`` (B, 1, H, W) binary mask
     or class indices. Predictions are binarised (sigmoid > 0.5, or argmax for ``multiclass``); scores follow
     :func:`~amvlm_monai.metrics.segmentation_scores` (a class absent from both prediction and label scores 1).
-    With ``output_csv`` the per-image scores and file names are written when the metric is computed.
+    With ``output_csv`` the per-image Dice and IoU and the file names are written when the metric is computed.
+
+    Metrics:
+        ``"dice"``, ``"iou"``: the paper's per-image means (absent from both scores 1).
+        ``"dice_present"``: mean Dice over the (image, class) pairs whose label contains the class; a predictor that
+            predicts nothing scores 0, so it is the model-selection metric (plain Dice rewards empty predictions on
+            images without lesions). Falls back to ``"dice"`` when no label contains any class.
+        ``"fg_fraction"`` / ``"label_fg_fraction"``: mean fraction of foreground pixels (any foreground class) in the
+            predictions / labels, to spot a collapsing model.
 
     Args:
-        metric: "dice" or "iou".
+        metric: one of ``METRICS``.
         multiclass: softmax/argmax predictions with index labels (background channel 0 excluded).
         output_csv: per-image CSV path, or None.
         class_names: CSV column names per scored class.
         output_transform: engine output -> (pred, label, names or None).
     """
 
+    METRICS = ("dice", "iou", "dice_present", "fg_fraction", "label_fg_fraction")
+
     def __init__(self, metric: str = "dice", multiclass: bool = False, output_csv: Optional[str] = None,
                  class_names: Optional[list[str]] = None,
                  output_transform: Callable = lambda out: (out["pred"], out["label"], _names(out.get("image"))),
                  device: str | torch.device = "cpu") -> None:
-        if metric not in ("dice", "iou"):
-            raise ValueError(f"metric must be 'dice' or 'iou', got '{metric}'.")
+        if metric not in self.METRICS:
+            raise ValueError(f"metric must be one of {self.METRICS}, got '{metric}'.")
         self.metric = metric
         self.multiclass = multiclass
         self.output_csv = output_csv
@@ -78,8 +121,7 @@ class SegmentationMetric(Metric):
 
     def reset(self) -> None:
         self._ids: list[str] = []
-        self._dice: list[torch.Tensor] = []
-        self._iou: list[torch.Tensor] = []
+        self._scores: dict[str, list[torch.Tensor]] = {k: [] for k in ("dice", "iou", "present", "fg", "label_fg")}
 
     def update(self, output) -> None:
         pred, label, names = output
@@ -89,20 +131,117 @@ class SegmentationMetric(Metric):
         else:
             target = (label > 0.5).to(pred)
         dice, iou = segmentation_scores(pred, target, include_background=not self.multiclass)
+        fg_pred, fg_label = (pred[:, 1:], target[:, 1:]) if self.multiclass else (pred, target)
         start = len(self._ids)
         names = list(names) if names is not None else [f"case_{start + i}" for i in range(dice.shape[0])]
         self._ids += [os.path.basename(str(n)) for n in names]
-        self._dice.append(dice.cpu())
-        self._iou.append(iou.cpu())
+        for key, value in (("dice", dice), ("iou", iou), ("present", fg_label.flatten(2).sum(-1) > 0),
+                           ("fg", fg_pred.amax(1).flatten(1).mean(1)), ("label_fg", fg_label.amax(1).flatten(1).mean(1))):
+            self._scores[key].append(value.detach().cpu())
 
     def compute(self) -> float:
-        if not self._dice:
+        if not self._ids:
             raise RuntimeError("SegmentationMetric needs at least one batch before it can be computed.")
-        dice, iou = torch.cat(self._dice), torch.cat(self._iou)
+        s = {k: torch.cat(v) for k, v in self._scores.items()}
         if self.output_csv:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_csv)), exist_ok=True)
-            write_scores_csv(self.output_csv, self._ids, dice, iou, self.class_names)
-        return float((dice if self.metric == "dice" else iou).mean())
+            write_scores_csv(self.output_csv, self._ids, s["dice"], s["iou"], self.class_names)
+        if self.metric == "dice_present":
+            return float(s["dice"][s["present"]].mean()) if s["present"].any() else float(s["dice"].mean())
+        key = {"fg_fraction": "fg", "label_fg_fraction": "label_fg"}.get(self.metric, self.metric)
+        return float(s[key].mean())
+
+
+class SelectBestModel:
+    """Validate every network given (the student and its teacher) and keep the best one seen as the model file.
+
+    Every ``interval`` epochs: the trainer's ``prepare_teacher()`` runs when it has one (teacher BatchNorm statistics,
+    see :class:`~amvlm_monai.engines.mean_teacher.MeanTeacherTrainer`); the validator runs once per network; all its
+    metrics go to the trainer's ``state.metrics`` as ``<network>_<metric>`` and to the log. When the best
+    network's ``key_metric`` beats every earlier validation, its plain state dict is written to ``save_dir/filename``
+    (atomically) and ``save_dir/<stem>.json`` says which network it is, from which epoch, with every score.
+    A warning is logged when a network's predicted foreground fraction falls below ``collapse_ratio`` times the
+    labels' (a model collapsing to background).
+
+    Args:
+        validator: a ``SupervisedEvaluator`` whose metrics include ``key_metric`` (and ``fg_metric`` /
+            ``label_fg_metric`` for the collapse warning).
+        networks: name -> network; None entries are skipped (e.g. no teacher in a supervised run).
+        save_dir: folder of the model file.
+        key_metric: the validator metric to maximise; pick one where predicting nothing scores low
+            (``SegmentationMetric(metric="dice_present")``).
+        filename: the model file name.
+        interval: epochs between validations.
+        fg_metric, label_fg_metric: the validator metrics with the predicted and the labelled foreground fractions.
+        collapse_ratio: warn when predicted foreground < ``collapse_ratio`` x labelled foreground.
+    """
+
+    def __init__(self, validator: Any, networks: Mapping[str, Optional[torch.nn.Module]], save_dir: str,
+                 key_metric: str = "val_dice_present", filename: str = "model.pt", interval: int = 1,
+                 fg_metric: str = "val_fg_fraction", label_fg_metric: str = "val_label_fg_fraction",
+                 collapse_ratio: float = 0.1) -> None:
+        self.validator = validator
+        self.networks = {k: v for k, v in networks.items() if v is not None}
+        if not self.networks:
+            raise ValueError("SelectBestModel needs at least one network.")
+        self.save_dir = os.fspath(save_dir)
+        self.key_metric = key_metric
+        self.filename = filename
+        self.interval = max(1, int(interval))
+        self.fg_metric, self.label_fg_metric = fg_metric, label_fg_metric
+        self.collapse_ratio = collapse_ratio
+        self.best: Optional[dict] = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def validate(self, epoch: int) -> dict[str, dict[str, float]]:
+        """Run the validator on each network; name -> its metrics."""
+        scores = {}
+        original = self.validator.network
+        try:
+            for name, net in self.networks.items():
+                self.validator.network = net
+                self.validator.run(epoch)
+                scores[name] = {k: float(v) for k, v in self.validator.state.metrics.items()
+                                if isinstance(v, (int, float))}
+        finally:
+            self.validator.network = original
+        return scores
+
+    def __call__(self, engine: Engine) -> None:
+        if callable(getattr(engine, "prepare_teacher", None)):
+            engine.prepare_teacher()
+        epoch = engine.state.epoch
+        scores = self.validate(epoch)
+        for name, metrics in scores.items():
+            if self.key_metric not in metrics:
+                raise KeyError(f"SelectBestModel: the validator has no metric '{self.key_metric}' "
+                               f"(it has {sorted(metrics)}).")
+            engine.state.metrics.update({f"{name}_{k}": v for k, v in metrics.items()})
+            logger.info("epoch %d validation, %s: %s", epoch, name,
+                        ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+            fg, label_fg = metrics.get(self.fg_metric), metrics.get(self.label_fg_metric)
+            if fg is not None and label_fg and fg < self.collapse_ratio * label_fg:
+                logger.warning("epoch %d: the %s predicts %.3f %% foreground, under %.0f %% of the labels' %.3f %%: "
+                               "it is collapsing to background.", epoch, name, 100 * fg, 100 * self.collapse_ratio,
+                               100 * label_fg)
+        name = max(scores, key=lambda n: _finite(scores[n][self.key_metric]))
+        value = _finite(scores[name][self.key_metric])
+        if self.best is None or value > self.best["value"]:
+            self.best = {"network": name, "epoch": epoch, "metric": self.key_metric, "value": value,
+                         "scores": scores}
+            if _is_writer():
+                path = os.path.join(self.save_dir, self.filename)
+                atomic_save(_unwrap(self.networks[name]).state_dict(), path)
+                with open(os.path.splitext(path)[0] + ".json", "w") as f:
+                    json.dump(self.best, f, indent=1)
+            logger.info("epoch %d: kept the %s (%s %.4f) as %s", epoch, name, self.key_metric, value, self.filename)
+        engine.state.metrics["best_" + self.key_metric] = self.best["value"]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf
 
 
 def _names(image) -> Optional[list[str]]:

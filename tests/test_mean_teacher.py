@@ -1,5 +1,6 @@
 """The stage-2 trainer: loaders, EMA teacher, text guidance with cached text features, variants."""
 
+import copy
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from conftest import REPORTS
 from ignite.engine import Events
 
-from amvlm_monai.engines.ema import make_teacher
+from amvlm_monai.engines.ema import make_teacher, recompute_bn_statistics
 from amvlm_monai.engines.mean_teacher import MeanTeacherTrainer
 from amvlm_monai.networks.guidance import build_text_guidance
 from amvlm_monai.engines.step import trainable_parameters
@@ -51,14 +52,14 @@ def stage1_ckpt(tiny_amvlm, tmp_path):
     return path
 
 
-def _trainer(labeled, unlabeled=None, guidance=None, epochs=1):
+def _trainer(labeled, unlabeled=None, guidance=None, epochs=1, **kwargs):
     net = _net()
     teacher = make_teacher(net) if unlabeled is not None else None
     opt = torch.optim.Adam(trainable_parameters([net, guidance]), lr=1e-2)
     trainer = MeanTeacherTrainer("cpu", epochs, labeled, net, opt, build_supervised_loss(),
                                  unlabeled_loader=unlabeled, teacher=teacher,
                                  consistency_loss=ConsistencyLoss() if unlabeled is not None else None,
-                                 consistency_max=1.0, rampup_epochs=2, guidance=guidance)
+                                 consistency_max=1.0, rampup_epochs=2, guidance=guidance, **kwargs)
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     return trainer, net, teacher, outputs
@@ -78,17 +79,49 @@ def test_every_unlabeled_image_is_used_once_per_epoch():
     assert last["consistency_weight"] > first["consistency_weight"]  # ramp-up
 
 
-def test_teacher_is_the_ema_of_the_student():
+@pytest.mark.parametrize("teacher_bn", ["ema", "batch", "recompute"])
+def test_teacher_is_the_ema_of_the_student(teacher_bn):
     labeled, unlabeled = Batches(1, 2, "l", True, 0), Batches(1, 2, "u", False, 1)
-    trainer, net, teacher, _ = _trainer(labeled, unlabeled)
+    trainer, net, teacher, _ = _trainer(labeled, unlabeled, teacher_bn=teacher_bn, teacher_noise=0.0)
     start = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    own = copy.deepcopy(teacher.module).train()  # what the teacher's own forward pass does to its statistics
+    with torch.no_grad():
+        own(unlabeled.batches[0]["image"])
+    recomputed = copy.deepcopy(teacher.module)  # re-estimated at the epoch start on the unlabelled batch
+    recompute_bn_statistics(recomputed, [unlabeled.batches[0]["image"]], "cpu")
     trainer.run()
-    # one step at t = 1: alpha = min(1 - 1/2, 0.99) = 0.5, so teacher = (start + student) / 2, buffers included
+    # one step at t = 1: alpha = min(1 - 1/2, 0.99) = 0.5, so teacher = (start + student) / 2
+    params = dict(net.named_parameters())
     for key, value in teacher.module.state_dict().items():
-        if value.is_floating_point():
-            assert torch.allclose(value, 0.5 * start[key] + 0.5 * net.state_dict()[key], atol=1e-6), key
+        if key in params:
+            expected = 0.5 * start[key] + 0.5 * params[key]
+        elif not value.is_floating_point():
+            continue
+        elif teacher_bn == "ema":  # statistics averaged like the parameters
+            expected = 0.5 * start[key] + 0.5 * net.state_dict()[key]
+        else:
+            expected = (own if teacher_bn == "batch" else recomputed).state_dict()[key]
+            assert not torch.allclose(expected, start[key]), key
+        assert torch.allclose(value, expected, atol=1e-6), key
     assert any("running_mean" in k for k in start)
-    assert not teacher.training
+    assert not teacher.training and not teacher.module.training
+
+
+def test_recompute_bn_statistics_is_the_plain_average_and_keeps_weights():
+    net = _net()
+    batches = [torch.randn(3, 1, 32, 32) + i for i in range(2)]
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    assert recompute_bn_statistics(net, batches, "cpu") == 6
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.momentum == 0.1 and not net.training  # momentum restored, eval mode
+    # the first BatchNorm sees the first convolution's output: its running mean is the mean over both batches
+    first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        means = [first_conv(b).mean((0, 2, 3)) for b in batches]
+    assert torch.allclose(bn.running_mean, (means[0] + means[1]) / 2, atol=1e-5)
+    assert all(torch.equal(v, weights[k]) for k, v in net.named_parameters())
+    assert recompute_bn_statistics(net, [], "cpu") == 0
+    assert torch.allclose(bn.running_mean, (means[0] + means[1]) / 2, atol=1e-5)  # nothing seen: unchanged
 
 
 def test_supervised_only_and_invalid_combinations():

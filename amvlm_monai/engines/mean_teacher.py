@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 from ignite.engine import Events
 from torch import nn
 
-from amvlm_monai.engines.ema import ema_update
+from amvlm_monai.engines.ema import TEACHER_BN, ema_update, own_batch_statistics, recompute_bn_statistics
 from amvlm_monai.engines.pretrainer import batch_names
 from amvlm_monai.engines.step import OptimStep, autocast, check_finite, scalars
 from amvlm_monai.losses.semi import consistency_weight
@@ -48,7 +48,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
     Labelled and unlabelled batches come from two independent loaders. An epoch lasts
     ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); the unlabelled iterator restarts at
     every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles.
-    After each step the teacher is an EMA of the student's parameters and buffers (alpha_t = min(1 - 1/(t+1), 0.99)).
+    After each step the teacher is an EMA of the student's parameters (alpha_t = min(1 - 1/(t+1), 0.99)); its BatchNorm
+    statistics follow ``teacher_bn`` (see :mod:`amvlm_monai.engines.ema`).
     ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and
     ``text_mask_dice`` (the text masks' Dice against the labelled batch: a diagnostic, not a loss).
 
@@ -66,6 +67,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_max_alpha: the teacher's EMA ceiling (0.99).
         teacher_noise: std of the Gaussian noise (clipped at twice the std) added to the teacher's input, so that
             student and teacher see different perturbations (Tarvainen and Valpola's Mean-Teacher); 0 disables.
+        teacher_bn: the teacher's BatchNorm statistics: "batch" (default: parameter-only EMA, the teacher labels with
+            batch statistics and its running statistics follow its own activations), "recompute" (re-estimated on
+            ``bn_batches`` unlabelled batches at every epoch start and before validation) or "ema" (averaged like
+            the parameters; collapses on the demo, kept for comparison).
+        bn_batches: unlabelled batches used by ``teacher_bn="recompute"``.
         amp, grad_clip: see :class:`~amvlm_monai.engines.step.OptimStep`.
     """
 
@@ -74,7 +80,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
                  unlabeled_loader: Optional[Iterable] = None, teacher: Optional[nn.Module] = None,
                  consistency_loss: Optional[Callable] = None, consistency_max: float = 1.0,
                  rampup_epochs: float = 10.0, guidance: Optional[TextGuidance] = None, multiclass: bool = False,
-                 ema_max_alpha: float = 0.99, teacher_noise: float = 0.1, epoch_length: Optional[int] = None,
+                 ema_max_alpha: float = 0.99, teacher_noise: float = 0.1, teacher_bn: str = "batch",
+                 bn_batches: int = 8, epoch_length: Optional[int] = None,
                  train_handlers: Optional[Sequence] = None, amp: bool = False, grad_clip: Optional[float] = None,
                  **kwargs: Any) -> None:
         if unlabeled_loader is not None and (teacher is None or consistency_loss is None):
@@ -99,15 +106,35 @@ class MeanTeacherTrainer(SupervisedTrainer):
         if teacher_noise < 0:
             raise ValueError(f"teacher_noise must be >= 0, got {teacher_noise}.")
         self.teacher_noise = teacher_noise
+        if teacher_bn not in TEACHER_BN:
+            raise ValueError(f"teacher_bn must be one of {TEACHER_BN}, got {teacher_bn!r}.")
+        if not isinstance(bn_batches, int) or bn_batches < 1:
+            raise ValueError(f"bn_batches must be a positive int, got {bn_batches!r}.")
+        self.teacher_bn = teacher_bn
+        self.bn_batches = bn_batches
         self.use_amp = amp
         params = list(network.parameters()) + (list(guidance.parameters()) if guidance is not None else [])
         self.step = OptimStep(optimizer, params, device, amp=amp, grad_clip=grad_clip)
         self._unlabeled_iter = None
         if unlabeled_loader is not None:
+            if teacher_bn == "recompute":
+                self.add_event_handler(Events.EPOCH_STARTED, lambda engine: engine.prepare_teacher())
             self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
 
     def _restart_unlabeled(self, engine: "MeanTeacherTrainer") -> None:
         self._unlabeled_iter = iter(self.unlabeled_loader)
+
+    def prepare_teacher(self) -> None:
+        """Make the teacher's BatchNorm statistics fit its weights before it labels or is validated.
+
+        Only ``teacher_bn="recompute"`` has work to do: it re-estimates them on ``bn_batches`` unlabelled batches.
+        """
+        if self.teacher is None or self.teacher_bn != "recompute":
+            return
+        from itertools import islice
+
+        images = (b["image"] for b in islice(self.unlabeled_loader, self.bn_batches))
+        recompute_bn_statistics(self.teacher, images, self.state.device)
 
     def _next_unlabeled(self) -> dict:
         try:
@@ -135,11 +162,15 @@ class MeanTeacherTrainer(SupervisedTrainer):
             loss = terms["sup"]
             if unl is not None:
                 x_u, logits_u = x_all[n_l:], logits[n_l:]
-                with torch.no_grad():
-                    engine.teacher.eval()
-                    noise = (torch.randn_like(x_u) * engine.teacher_noise).clamp(-2 * engine.teacher_noise,
-                                                                                  2 * engine.teacher_noise)
-                    teacher_logits = engine.teacher(x_u + noise).float()
+                noise = (torch.randn_like(x_u) * engine.teacher_noise).clamp(-2 * engine.teacher_noise,
+                                                                              2 * engine.teacher_noise)
+                if engine.teacher_bn == "batch":
+                    with own_batch_statistics(engine.teacher) as teacher:
+                        teacher_logits = teacher(x_u + noise).float()
+                else:
+                    with torch.no_grad():
+                        engine.teacher.eval()
+                        teacher_logits = engine.teacher(x_u + noise).float()
                 if engine.guidance is not None:
                     texts = list(batchdata["text"]) + list(unl["text"])
                     masks, tg = engine.guidance(x_all, texts)
@@ -161,7 +192,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if engine.teacher is not None:
             student = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
-            ema_update(engine.teacher, student, engine.state.iteration, engine.ema_max_alpha)
+            ema_update(engine.teacher, student, engine.state.iteration, engine.ema_max_alpha,
+                       buffers=engine.teacher_bn == "ema")
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         engine.state.output = scalars(terms)
         return engine.state.output

@@ -61,16 +61,19 @@ def _unwrap(m: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995) -> None:
+def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995, buffers: bool = True) -> None:
     """EMA step ``target = m * target + (1 - m) * source`` over parameters **and** floating buffers.
 
     Integer and bool buffers (e.g. BatchNorm's ``num_batches_tracked``) are copied from ``source``.
     Either side may be a :class:`MomentumCopy` (its inner module is used).
+    With ``buffers=False`` only the parameters move: the target keeps its own buffers (a Mean-Teacher teacher whose
+    BatchNorm statistics come from its own forward passes).
 
     Args:
         target: the momentum copy, updated in place.
         source: the online module.
         m: momentum in [0, 1]; 1 keeps the target, 0 copies the source.
+        buffers: also average (floating) and copy (integer) the buffers.
 
     Raises:
         ValueError: ``m`` outside [0, 1], or the two modules' parameter/buffer names or shapes differ.
@@ -78,8 +81,10 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995) -> N
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"m must be in [0, 1], got {m}.")
     target, source = _unwrap(target), _unwrap(source)
-    for kind, tgt, src in (("parameter", dict(target.named_parameters()), dict(source.named_parameters())),
-                           ("buffer", dict(target.named_buffers()), dict(source.named_buffers()))):
+    pairs = [("parameter", dict(target.named_parameters()), dict(source.named_parameters()))]
+    if buffers:
+        pairs.append(("buffer", dict(target.named_buffers()), dict(source.named_buffers())))
+    for kind, tgt, src in pairs:
         if tgt.keys() != src.keys():
             diff = sorted(set(tgt) ^ set(src))
             raise ValueError(f"target and source differ in {kind} names: {diff}.")

@@ -1,0 +1,219 @@
+"""Did stage 1 learn an alignment? Retrieval and localisation metrics of a pretrained AMVLM on a labelled split.
+
+- **Retrieval**: image-to-report and report-to-image recall@k over the split. Identical reports (e.g. every
+  "no lesion" report) are one report: an image retrieves its report when the report's text is among the k best,
+  and a report retrieves its images when any image it describes is among the k best. Chance levels are given
+  beside each recall: ``k / U`` for image-to-report (U distinct reports) and, for report-to-image, the mean over
+  reports of ``1 - C(N - m, k) / C(N, k)`` (N images, m of them with that report).
+- **Localisation**: on images that contain a lesion, the similarity of each patch embedding with the global
+  embedding of the image's report (the text mask generator's input, before its decoder), upsampled bilinearly to
+  the label's size, scores the lesion pixels: its ROC AUC per image (rank formula) averaged over images; and the
+  Dice of the initial text mask ``sigmoid(w (sim - b)) > 0.5``, i.e. ``sim > b`` (b = 0.25, the generator's initial
+  bias), beside the Dice of an all-ones mask (what a mask that says nothing scores).
+
+:class:`AlignmentValidation` runs these every epoch of pretraining, logs them, and keeps the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["retrieval_recall", "roc_auc", "localisation_scores", "evaluate_alignment", "AlignmentValidation"]
+
+logger = logging.getLogger(__name__)
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_index: torch.Tensor,
+                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Recall@k both ways, with chance levels.
+
+    Args:
+        image_emb: (N, D) L2-normalised image embeddings.
+        text_emb: (U, D) L2-normalised embeddings of the U distinct reports.
+        text_index: (N,) long: the distinct report of each image.
+        ks: the k values.
+
+    Returns:
+        ``i2t_r<k>``, ``t2i_r<k>`` and their ``..._chance``, all in [0, 1].
+
+    Example:
+        >>> e = torch.eye(3)
+        >>> retrieval_recall(e, e, torch.arange(3), ks=(1,))["i2t_r1"]
+        1.0
+    """
+    n, u = image_emb.shape[0], text_emb.shape[0]
+    if text_index.shape != (n,) or n == 0 or u == 0:
+        raise ValueError(f"text_index must be (N,) = ({n},) with N, U > 0, got {tuple(text_index.shape)}, U = {u}.")
+    sim = image_emb.float() @ text_emb.float().T  # (N, U)
+    own = sim.gather(1, text_index[:, None])
+    i2t_rank = (sim > own).sum(1)  # how many reports score higher than the image's own
+    members = F.one_hot(text_index, u).bool()  # (N, U)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
+        out[f"i2t_r{k}_chance"] = min(k, u) / u
+        top = sim.T.topk(min(k, n), dim=1).indices  # (U, k) best images per report
+        out[f"t2i_r{k}"] = float(members.T.gather(1, top).any(1).float().mean())
+        m = members.sum(0).tolist()
+        out[f"t2i_r{k}_chance"] = sum(1 - _comb_ratio(n, mi, k) for mi in m) / u
+    return out
+
+
+def _comb_ratio(n: int, m: int, k: int) -> float:
+    """C(n - m, k) / C(n, k): the chance that k images drawn from n miss all m."""
+    if k >= n or n - m < k:
+        return 0.0
+    return math.exp(math.lgamma(n - m + 1) - math.lgamma(n - m - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1))
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC of ``scores`` for the binary ``labels`` by the rank-sum formula (ties get average ranks); NaN when one
+    class is missing.
+
+    Example:
+        >>> roc_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+        0.75
+    """
+    from scipy.stats import rankdata
+
+    s, y = scores.flatten().double().cpu().numpy(), labels.flatten().bool().cpu().numpy()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def localisation_scores(sim: torch.Tensor, labels: torch.Tensor, bias: float = 0.25) -> dict[str, Any]:
+    """Per-image localisation of lesions by patch-report similarity.
+
+    Args:
+        sim: (N, h, w) similarity of each patch with the image's report.
+        labels: (N, 1, H, W) binary lesion masks (any foreground).
+        bias: the initial text mask's threshold b.
+
+    Returns:
+        ``loc_auc`` (mean per-image AUC), ``text_mask_dice`` (initial text mask) and ``ones_dice`` (all-ones mask),
+        each averaged over the images that contain a lesion (NaN when none does), and ``n_lesion_images``.
+    """
+    if sim.ndim != 3 or labels.ndim != 4 or labels.shape[0] != sim.shape[0]:
+        raise ValueError(f"sim must be (N, h, w) and labels (N, 1, H, W), got {tuple(sim.shape)}, {tuple(labels.shape)}.")
+    up = F.interpolate(sim[:, None].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    target = labels[:, 0] > 0
+    aucs, dice, ones = [], [], []
+    for s, y in zip(up, target):
+        if not y.any():
+            continue
+        aucs.append(roc_auc(s, y))
+        pred = s > bias
+        dice.append(float(2 * (pred & y).sum() / (pred.sum() + y.sum())))
+        ones.append(float(2 * y.sum() / (y.numel() + y.sum())))
+    mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))  # noqa: E731
+    return {"loc_auc": mean(aucs), "text_mask_dice": mean(dice), "ones_dice": mean(ones), "n_lesion_images": len(aucs)}
+
+
+@torch.no_grad()
+def evaluate_alignment(model: torch.nn.Module, batches: Iterable[dict], device: torch.device | str = "cpu",
+                       ks: Sequence[int] = (1, 5), bias: float = 0.25) -> dict[str, float]:
+    """Retrieval and localisation metrics of an AMVLM over batches with ``image`` (B, C, H, W), ``label``
+    (B, 1, H, W) and ``text`` (B reports).
+
+    Returns:
+        The metrics of :func:`retrieval_recall` and :func:`localisation_scores`, and ``alignment``: the mean of the
+        two recall@k (largest k) and the localisation AUC, the key metric for keeping a checkpoint.
+    """
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    try:
+        cls, sims, labels, texts = [], [], [], []
+        grid = tuple(net.image_encoder.grid_size)
+        text_cache: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            images = batch["image"].to(device)
+            out = net.encode_image(images)
+            reports = list(batch["text"])
+            new = sorted({t for t in reports if t not in text_cache})
+            if new:
+                text_cache.update(zip(new, net.text_embeddings(new).float()))
+            t = torch.stack([text_cache[r] for r in reports])
+            cls.append(out.cls.float())
+            sims.append(torch.einsum("bpd,bd->bp", out.tokens.float(), t).reshape(-1, *grid).cpu())
+            labels.append(batch["label"].cpu())
+            texts += reports
+    finally:
+        net.train(was_training)
+    if not texts:
+        raise ValueError("evaluate_alignment got no batches.")
+    distinct = sorted(set(texts))
+    index = torch.tensor([distinct.index(t) for t in texts], device=cls[0].device)
+    text_emb = torch.stack([text_cache[t] for t in distinct]).to(cls[0].device)
+    metrics: dict[str, Any] = retrieval_recall(torch.cat(cls), text_emb, index, ks)
+    metrics.update(localisation_scores(torch.cat(sims), torch.cat(labels), bias))
+    k = max(ks)
+    parts = [metrics[f"i2t_r{k}"], metrics[f"t2i_r{k}"], metrics["loc_auc"]]
+    metrics["alignment"] = sum(p for p in parts if math.isfinite(p)) / len(parts)
+    metrics["n_images"], metrics["n_reports"] = len(texts), len(distinct)
+    return metrics
+
+
+class AlignmentValidation:
+    """Pretraining validation: :func:`evaluate_alignment` every ``interval`` epochs on a labelled split.
+
+    Every metric goes to the trainer's ``state.metrics`` as ``val_<name>`` and to the log (recalls beside their
+    chance levels). When ``save_path`` is given, the checkpoint with the best ``key_metric`` is kept there (the format
+    of :class:`~amvlm_monai.handlers.SavePretrained`), with ``<stem>.json`` giving its epoch and metrics.
+
+    Args:
+        loader: batches with ``image``, ``label``, ``text`` (the validation split, no augmentation).
+        network: the AMVLM being pretrained.
+        save_path: where to keep the best checkpoint; None only logs.
+        key_metric: a key of :func:`evaluate_alignment` to maximise.
+        interval: epochs between validations.
+    """
+
+    def __init__(self, loader: Iterable[dict], network: torch.nn.Module, save_path: Optional[str] = None,
+                 key_metric: str = "alignment", interval: int = 1) -> None:
+        self.loader = loader
+        self.network = network
+        self.save_path = os.fspath(save_path) if save_path else None
+        self.key_metric = key_metric
+        self.interval = max(1, int(interval))
+        self.best: Optional[dict] = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Any) -> None:
+        from amvlm_monai.handlers import _is_writer, save_pretrained
+
+        metrics = evaluate_alignment(self.network, self.loader, engine.state.device)
+        if self.key_metric not in metrics:
+            raise KeyError(f"AlignmentValidation: no metric '{self.key_metric}' (have {sorted(metrics)}).")
+        engine.state.metrics.update({f"val_{k}": v for k, v in metrics.items()})
+        epoch = engine.state.epoch
+        r = " ".join(f"{d}@{k[-1]} {metrics[f'{d}_r{k[-1]}']:.3f} (chance {metrics[f'{d}_r{k[-1]}_chance']:.3f})"
+                     for d in ("i2t", "t2i") for k in ("r1", "r5") if f"{d}_{k}" in metrics)
+        logger.info("epoch %d stage-1 validation (%d images, %d distinct reports): %s; localisation AUC %.3f, "
+                    "text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
+                    metrics["n_reports"], r, metrics["loc_auc"], metrics["text_mask_dice"], metrics["ones_dice"],
+                    metrics["alignment"])
+        value = metrics[self.key_metric]
+        if self.best is None or (math.isfinite(value) and value > self.best["value"]):
+            self.best = {"epoch": epoch, "metric": self.key_metric, "value": value, "metrics": metrics}
+            if self.save_path and _is_writer():
+                save_pretrained(self.save_path, self.network, epoch=epoch)
+                with open(os.path.splitext(self.save_path)[0] + ".json", "w") as f:
+                    json.dump(self.best, f, indent=1)
+                logger.info("epoch %d: kept as %s (%s %.4f)", epoch, self.save_path, self.key_metric, value)
+        engine.state.metrics["val_best_" + self.key_metric] = self.best["value"]
