@@ -10,19 +10,21 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
+from amvlm_monai.checkpoint import atomic_save, clean_stale_tmp, plain_config
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
 __all__ = ["SavePretrained", "SegmentationMetric"]
 
 
 class SavePretrained:
-    """Save a stage-1 checkpoint (``model``, ``config``, ``optimizer``, ``epoch``) every ``interval`` epochs and at
-    the end; ``load_amvlm`` reads it back.
+    """Save a stage-1 checkpoint (``model``, ``config``, ``epoch`` and, when given, ``optimizer``) every ``interval``
+    epochs and at the end, atomically (:func:`~amvlm_monai.checkpoint.atomic_save`); ``load_amvlm`` reads it back.
+    Resuming a killed pretraining uses :class:`~amvlm_monai.checkpoint.TrainingState`, not this file.
 
     Args:
         path: the checkpoint file (its folder is created).
         network: the AMVLM (its ``config`` attribute is saved so stage 2 rebuilds it without the stage-1 config).
-        optimizer: saved for resuming.
+        optimizer: saved with the model when given (the resumable state has it in any case).
         interval: epochs between saves.
     """
 
@@ -34,18 +36,16 @@ class SavePretrained:
         self.interval = max(1, int(interval))
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: clean_stale_tmp(os.path.dirname(os.path.abspath(self.path))))
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         net = getattr(self.network, "module", self.network)
-        ckpt = {"model": net.state_dict(), "config": net.config, "epoch": engine.state.epoch}
+        ckpt = {"model": net.state_dict(), "config": plain_config(net.config, self.path), "epoch": engine.state.epoch}
         if self.optimizer is not None:
             ckpt["optimizer"] = self.optimizer.state_dict()
-        tmp = self.path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.path)  # a crash mid-save never leaves a truncated checkpoint behind
+        atomic_save(ckpt, self.path)  # a kill mid-save never leaves a truncated checkpoint behind
 
 
 class SegmentationMetric(Metric):
