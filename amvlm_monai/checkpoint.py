@@ -70,14 +70,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
-            reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        reason = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        if reason:  # the file names a function or class to call: the way a crafted checkpoint runs code
             raise CheckpointError(
-                f"{path}: refused to load: the file holds Python objects other than tensors and plain containers"
-                f"{' (' + reason + ')' if reason else ''}, and loading them could run code. Only use checkpoints "
-                "from a source you trust; this project's own checkpoints never need more."
+                f"{path}: refused to load: the file holds Python objects other than tensors and plain containers "
+                f"({reason.rstrip('.')}), and loading them could run code. Only use checkpoints from a source you trust; this "
+                "project's own checkpoints never need more."
             ) from None
-        raise _corrupt(path, e) from None
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "error" not in line), "")
+        raise _corrupt(path, RuntimeError(detail or "unreadable pickle")) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError) as e:
         raise _corrupt(path, e) from None
 
@@ -85,11 +86,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
 def _corrupt(path: str, err: BaseException) -> CheckpointError:
     size = os.path.getsize(path)
     detail = str(err).split(". ")[0].strip() or type(err).__name__
-    return CheckpointError(
-        f"{path}: not a readable PyTorch checkpoint ({size} bytes; truncated or corrupt: {detail}). If a run was "
-        "killed while writing it, the file was never replaced: this project writes checkpoints atomically, so "
-        "look for the previous one; a file copied incompletely must be copied again."
-    )
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({size} bytes, truncated or corrupt: "
+                           f"{detail.rstrip('.')}); copy it again or use an earlier one.")
 
 
 def _safe_checkpoint_loader() -> type:
