@@ -145,6 +145,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
+    _WRITING.add(str(tmp))
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -158,6 +159,8 @@ def atomic_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> Path:
         except OSError:
             pass
         raise
+    finally:
+        _WRITING.discard(str(tmp))
     if fsync:
         _fsync_dir(path.parent)
     return path
@@ -176,9 +179,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_WRITING: set[str] = set()  # this process's saves in progress
+
+
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except OSError as e:
@@ -189,8 +193,9 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that a killed :func:`atomic_save` left in ``folder``; returns what was removed.
 
-    A temporary file is stale when it was written on this host by a process that no longer runs; files of live
-    processes (another run saving into the same folder) and of other hosts are left alone.
+    A temporary file is stale when it was written on this host by a process that no longer runs (or by this process's
+    pid but not by a save in progress: a restarted container reuses pids); files of other live processes (another
+    run saving into the same folder) and of other hosts are left alone.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -199,7 +204,10 @@ def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     removed = []
     for entry in folder.iterdir():
         m = _TMP_RE.match(entry.name)
-        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+        if m is None or m["host"] != host or str(entry) in _WRITING:
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):  # our own pid: a killed run's (a container reuses pids)
             continue
         try:
             entry.unlink()
