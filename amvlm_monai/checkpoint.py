@@ -74,12 +74,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         if reason:  # the file names a function or class to call: the way a crafted checkpoint runs code
             raise CheckpointError(
                 f"{path}: refused to load: the file holds Python objects other than tensors and plain containers "
-                f"({reason.rstrip('.')}), and loading them could run code. Only use checkpoints from a source you trust; this "
-                "project's own checkpoints never need more."
+                f"({reason.rstrip('.')}), and loading them could run code. Only use checkpoints from a source you "
+                "trust; this project's own checkpoints never need more."
             ) from None
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "error" not in line), "")
         raise _corrupt(path, RuntimeError(detail or "unreadable pickle")) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError) as e:
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
         raise _corrupt(path, e) from None
 
 
@@ -120,9 +120,12 @@ def __getattr__(name: str) -> Any:  # built on first use: importing MONAI's hand
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _tmp_name(path: Path) -> Path:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> Path:
@@ -200,7 +203,7 @@ def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    host = _host()
     removed = []
     for entry in folder.iterdir():
         m = _TMP_RE.match(entry.name)

@@ -46,9 +46,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     """Semi-supervised trainer: supervised loss on labelled batches, consistency to pseudo labels on unlabelled ones.
 
     Labelled and unlabelled batches come from two independent loaders. An epoch lasts
-    ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); both iterators restart at every
-    epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles within it (an epoch
-    boundary is then a complete resume point, see :class:`~amvlm_monai.checkpoint.TrainingState`).
+    ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); both iterators restart at
+    every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles within it (an
+    epoch boundary is then a complete resume point, see :class:`~amvlm_monai.checkpoint.TrainingState`).
     After each step the teacher is an EMA of the student's parameters and buffers (alpha_t = min(1 - 1/(t+1), 0.99)).
     ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and
     ``text_mask_dice`` (the text masks' Dice against the labelled batch: a diagnostic, not a loss).
