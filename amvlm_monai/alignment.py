@@ -217,3 +217,10 @@ class AlignmentValidation:
                     json.dump(self.best, f, indent=1)
                 logger.info("epoch %d: kept as %s (%s %.4f)", epoch, self.save_path, self.key_metric, value)
         engine.state.metrics["val_best_" + self.key_metric] = self.best["value"]
+
+    def state_dict(self) -> dict:
+        """The best validation so far (part of the resumable pretraining state)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]

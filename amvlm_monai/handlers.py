@@ -13,24 +13,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
+from amvlm_monai.checkpoint import atomic_save, clean_stale_tmp, plain_config
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
-__all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel", "atomic_save"]
+__all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -46,13 +34,14 @@ def _is_writer() -> bool:
 
 
 class SavePretrained:
-    """Save a stage-1 checkpoint (``model``, ``config``, ``optimizer``, ``epoch``) every ``interval`` epochs and at
-    the end; ``load_amvlm`` reads it back.
+    """Save a stage-1 checkpoint (``model``, ``config``, ``epoch`` and, when given, ``optimizer``) every ``interval``
+    epochs and at the end, atomically (:func:`~amvlm_monai.checkpoint.atomic_save`); ``load_amvlm`` reads it back.
+    Resuming a killed pretraining uses :class:`~amvlm_monai.checkpoint.TrainingState`, not this file.
 
     Args:
         path: the checkpoint file (its folder is created).
         network: the AMVLM (its ``config`` attribute is saved so stage 2 rebuilds it without the stage-1 config).
-        optimizer: saved for resuming.
+        optimizer: saved with the model when given (the resumable state has it in any case).
         interval: epochs between saves.
     """
 
@@ -64,6 +53,7 @@ class SavePretrained:
         self.interval = max(1, int(interval))
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: clean_stale_tmp(os.path.dirname(os.path.abspath(self.path))))
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -75,7 +65,7 @@ def save_pretrained(path: str, network: torch.nn.Module, optimizer: Optional[tor
                     epoch: Optional[int] = None) -> None:
     """Write a stage-1 checkpoint (``model``, ``config``, ``epoch`` and, if given, ``optimizer``) atomically."""
     net = _unwrap(network)
-    ckpt = {"model": net.state_dict(), "config": net.config, "epoch": epoch}
+    ckpt = {"model": net.state_dict(), "config": plain_config(net.config, path), "epoch": epoch}
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
     atomic_save(ckpt, path)
@@ -238,6 +228,13 @@ class SelectBestModel:
                     json.dump(self.best, f, indent=1)
             logger.info("epoch %d: kept the %s (%s %.4f) as %s", epoch, name, self.key_metric, value, self.filename)
         engine.state.metrics["best_" + self.key_metric] = self.best["value"]
+
+    def state_dict(self) -> dict:
+        """The best validation so far (part of the resumable training state)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best = state["best"]
 
 
 def _finite(x: float) -> float:

@@ -90,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--images needs --report")
     from amvlm_monai.networks.amvlm import load_amvlm
 
-    model = load_amvlm(args.checkpoint, text_model=args.text_model)
+    try:
+        model = load_amvlm(args.checkpoint, text_model=args.text_model)
+    except (FileNotFoundError, ValueError) as e:  # missing, unsafe, truncated or not a stage-1 checkpoint
+        parser.error(str(e))
     images = [args.image] if args.image else args.images
     reports = args.reports if args.image else [args.report]
     print(format_report(similarity_report(model, images, reports)))

@@ -46,8 +46,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     """Semi-supervised trainer: supervised loss on labelled batches, consistency to pseudo labels on unlabelled ones.
 
     Labelled and unlabelled batches come from two independent loaders. An epoch lasts
-    ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); the unlabelled iterator restarts at
-    every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles.
+    ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); both iterators restart at
+    every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles within it (an
+    epoch boundary is then a complete resume point, see :class:`~amvlm_monai.checkpoint.TrainingState`).
     After each step the teacher is an EMA of the student's parameters (alpha_t = min(1 - 1/(t+1), 0.99)); its BatchNorm
     statistics follow ``teacher_bn`` (see :mod:`amvlm_monai.engines.ema`).
     ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and
@@ -120,6 +121,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
             if teacher_bn == "recompute":
                 self.add_event_handler(Events.EPOCH_STARTED, lambda engine: engine.prepare_teacher())
             self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
+        self.add_event_handler(Events.EPOCH_STARTED, self._restart_labeled)
 
     def _restart_unlabeled(self, engine: "MeanTeacherTrainer") -> None:
         self._unlabeled_iter = iter(self.unlabeled_loader)
@@ -135,6 +137,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
 
         images = (b["image"] for b in islice(self.unlabeled_loader, self.bn_batches))
         recompute_bn_statistics(self.teacher, images, self.state.device)
+
+    def _restart_labeled(self, engine: "MeanTeacherTrainer") -> None:
+        # a fresh labelled pass each epoch (ignite would otherwise carry a part-used iterator over), so that an
+        # epoch boundary is a clean point to resume from
+        engine.set_data(engine.data_loader)
 
     def _next_unlabeled(self) -> dict:
         try:

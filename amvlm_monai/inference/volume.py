@@ -41,6 +41,7 @@ from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, NormalizeIntensityd, Orientationd
 from torch import nn
 
+from amvlm_monai.checkpoint import load_checkpoint
 from amvlm_monai.transforms.clinical import NIFTI_SUFFIXES, IntensityByModalityd, clinical_load_chain
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
@@ -282,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.strides is not None:
         net_kwargs["strides"] = tuple(args.strides)
     try:
+        ckpt = load_checkpoint(args.model)  # weights_only: a crafted file cannot run code
+    except (ValueError, OSError) as e:  # missing, unsafe, truncated or corrupt: the message names the file
+        parser.error(str(e))
+    try:
         network = build_segmentation_net(**net_kwargs)
-        state = _state_dict(torch.load(args.model, map_location="cpu", weights_only=True))
+        state = _state_dict(ckpt)
         network.load_state_dict(state)
     except (ValueError, RuntimeError, OSError) as e:
         parser.error(f"{args.model}: cannot load into build_segmentation_net({net_kwargs}): {e}")

@@ -1,8 +1,9 @@
 """The AMVLM model: encoders, projection heads, momentum copies, cross-attention and PDT heads.
 
 Checkpoint layout (what ``pretraining`` saves and stage 2 loads, see :func:`load_amvlm`): a dict with
-``"model"`` (this module's ``state_dict``), ``"config"`` (the constructor arguments, so that the model is rebuilt
-without the pretraining config) and ``"optimizer"``. Sub-module names inside ``"model"``:
+``"model"`` (this module's ``state_dict``), ``"config"`` (the constructor arguments as plain values, so that the
+model is rebuilt without the pretraining config) and ``"epoch"``. It is read with ``weights_only=True``
+(:func:`~amvlm_monai.checkpoint.load_checkpoint`). Sub-module names inside ``"model"``:
 ``image_encoder``, ``text_encoder``, ``image_global``, ``image_local``, ``text_global``, ``text_local``,
 ``pdt_image``, ``pdt_text``, ``pdt_attended``, ``attend_words`` (patches attend over words),
 ``attend_patches`` (words attend over patches), and the ``momentum_*`` copies.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amvlm_monai.checkpoint import load_checkpoint
 from amvlm_monai.networks.cross_attention import CrossAttention
 from amvlm_monai.networks.heads import GlobalHead, LocalHead
 from amvlm_monai.networks.momentum import momentum_copy, momentum_update
@@ -197,7 +199,7 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(path, map_location=map_location)  # weights_only: a crafted file cannot run code
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not an AMVLM stage-1 checkpoint (needs keys 'model' and 'config', found {keys}).")

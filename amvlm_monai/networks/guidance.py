@@ -78,6 +78,16 @@ class TextGuidance(nn.Module):
         self.amvlm.eval()  # frozen towers keep their BatchNorm statistics
         return self
 
+    def get_extra_state(self) -> dict:
+        """The cached report embeddings, part of ``state_dict`` so that a resumed run continues with the same ones (a
+        report's embedding differs in its last bits with the batch it was first encoded in)."""
+        texts = list(self._cache)
+        features = torch.stack([self._cache[t] for t in texts]) if texts else torch.zeros(0)
+        return {"texts": texts, "features": features}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._cache = dict(zip(state["texts"], state["features"]))
+
     @torch.no_grad()
     def text_features(self, texts: Sequence[str], device: torch.device) -> torch.Tensor:
         """(N,) reports -> (N, D) frozen global text embeddings, each distinct report encoded once."""

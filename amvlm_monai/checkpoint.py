@@ -1,0 +1,549 @@
+"""Checkpoint files: safe loading, atomic saving and resumable training state.
+
+- :func:`load_checkpoint` is the one way the project reads a ``.pt`` file: ``torch.load(weights_only=True)``, so a
+  crafted file cannot run code, and one :class:`CheckpointError` naming the file when it is unsafe, truncated or
+  corrupt.
+- :func:`atomic_save` writes a temporary file in the target's folder, flushes it to disk and renames it over the
+  target: a kill during the save leaves the previous file intact. :func:`clean_stale_tmp` removes what a killed
+  writer left behind; the handlers call it when a run starts.
+- :class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` (already ``weights_only``) with that clear error.
+- ``model.pt`` is written by :class:`~amvlm_monai.handlers.SelectBestModel` through :func:`atomic_save` (a plain
+  state dict, as MONAI's ``CheckpointSaver`` did); its best score is part of the resumable state.
+- :class:`TrainingState` saves, every ``interval`` epochs, everything a run needs to continue after a kill (networks,
+  optimiser, scheduler, AMP scaler, engine epoch and iteration, best score, random states) and, with ``resume``,
+  continues from the latest one. A fresh run refuses to replace an earlier run's outputs unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import random
+import re
+import socket
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError", "load_checkpoint", "atomic_save", "clean_stale_tmp", "plain_config", "as_bool",
+    "SafeCheckpointLoader", "TrainableState", "RandomState", "TrainingState",
+]
+
+logger = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ".tmp"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unsafe (holds code), truncated, corrupt, or of the wrong layout."""
+
+
+# ---- loading --------------------------------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error naming the file.
+
+    Only tensors and plain containers (dict, list, tuple, str, numbers, None) are unpickled: a file that would build
+    any other Python object (the way a crafted checkpoint runs code) is refused without running anything.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: as for ``torch.load``.
+        mmap: memory-map the tensors instead of reading them (``torch.load(mmap=True)``; new-format files only).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file holds other objects than the safe ones, or is truncated or corrupt.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        if reason:  # the file names a function or class to call: the way a crafted checkpoint runs code
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds Python objects other than tensors and plain containers "
+                f"({reason.rstrip('.')}), and loading them could run code. Only use checkpoints from a source you "
+                "trust; this project's own checkpoints never need more."
+            ) from None
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip() and "error" not in line), "")
+        raise _corrupt(path, RuntimeError(detail or "unreadable pickle")) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path: str, err: BaseException) -> CheckpointError:
+    size = os.path.getsize(path)
+    detail = str(err).split(". ")[0].strip() or type(err).__name__
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({size} bytes, truncated or corrupt: "
+                           f"{detail.rstrip('.')}); copy it again or use an earlier one.")
+
+
+def _safe_checkpoint_loader() -> type:
+    from monai.handlers import CheckpointLoader
+
+    class SafeCheckpointLoader(CheckpointLoader):
+        """MONAI's ``CheckpointLoader`` (``weights_only=True``) whose unreadable file gives one
+        :class:`CheckpointError` naming it. Same arguments as ``monai.handlers.CheckpointLoader``; the file is read
+        once (it is re-read only to explain a failure)."""
+
+        def __call__(self, engine) -> None:
+            if not os.path.isfile(self.load_path):
+                raise FileNotFoundError(f"checkpoint not found: {self.load_path}")
+            try:
+                super().__call__(engine)
+            except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, OSError):
+                load_checkpoint(self.load_path, map_location="cpu")  # raises the clear error when the file is bad
+                raise
+
+    SafeCheckpointLoader.__module__ = __name__
+    return SafeCheckpointLoader
+
+
+def __getattr__(name: str) -> Any:  # built on first use: importing MONAI's handlers takes seconds
+    if name == "SafeCheckpointLoader":
+        cls = _safe_checkpoint_loader()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- saving ---------------------------------------------------------------------------------------------------------
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> Path:
+    """``torch.save(obj)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``.
+
+    A reader sees the old file or the new one, never a partial one, whatever kills the writer. The temporary file is
+    ``.<name>.<host>.<pid>.<random>.tmp`` in the same folder (a rename is atomic only within one file system); it is
+    removed when the save fails, and by :func:`clean_stale_tmp` when the writer was killed.
+
+    Args:
+        obj: what ``torch.save`` accepts (keep it to tensors and plain containers: see :func:`load_checkpoint`).
+        path: the target file; its folder is created.
+        fsync: flush the file (and the folder entry) to disk before and after the rename, so that a power loss
+            cannot leave an empty file under the new name.
+
+    Returns:
+        The target path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
+    _WRITING.add(str(tmp))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        _WRITING.discard(str(tmp))
+    if fsync:
+        _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not sync folders
+    finally:
+        os.close(fd)
+
+
+_WRITING: set[str] = set()  # this process's saves in progress
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that a killed :func:`atomic_save` left in ``folder``; returns what was removed.
+
+    A temporary file is stale when it was written on this host by a process that no longer runs (or by this process's
+    pid but not by a save in progress: a restarted container reuses pids); files of other live processes (another
+    run saving into the same folder) and of other hosts are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host = _host()
+    removed = []
+    for entry in folder.iterdir():
+        m = _TMP_RE.match(entry.name)
+        if m is None or m["host"] != host or str(entry) in _WRITING:
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):  # our own pid: a killed run's (a container reuses pids)
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue
+    if removed:
+        logger.warning(f"removed {len(removed)} partial file(s) of a killed save in {folder}: "
+                       f"{', '.join(p.name for p in removed)}")
+    return removed
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def plain_config(config: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """A copy of ``config`` with only types that :func:`load_checkpoint` reads back (numbers, str, None, lists,
+    tuples, str-keyed dicts; NumPy scalars and ``os.PathLike`` become plain values). Anything else is an error at
+    save time, not a checkpoint that later cannot be loaded."""
+
+    def plain(value: Any, key: str) -> Any:
+        if isinstance(value, _PLAIN):
+            return value
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v, f"{key}[{i}]") for i, v in enumerate(value))
+        if isinstance(value, Mapping):
+            if not all(isinstance(k, str) for k in value):
+                raise TypeError(f"{where}: '{key}' has non-string keys; a checkpoint config needs plain values.")
+            return {k: plain(v, f"{key}.{k}") for k, v in value.items()}
+        raise TypeError(f"{where}: '{key}' is a {type(value).__name__}; a checkpoint config holds only numbers, "
+                        "strings, None, lists, tuples and dicts (the safe loader refuses anything else).")
+
+    return {k: plain(v, k) for k, v in config.items()}
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A command-line switch as bool: True/False, 1/0, or the strings true/false/yes/no/1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"--{name} must be true or false, got {value!r}.")
+
+
+def _unwrap(obj: Any) -> Any:
+    return obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else obj
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---- best model -----------------------------------------------------------------------------------------------------
+class TrainableState:
+    """State of a module without its frozen parameters (and the buffers of modules that have only frozen ones);
+    extra states (``get_extra_state``) are kept.
+
+    The text guidance of stage 2 holds the frozen stage-1 towers, rebuilt from the stage-1 checkpoint at start; only
+    the decoder and the mask scale train. A fingerprint of the frozen tensors (their sums in float64) is kept, so
+    that resuming over other towers is an error rather than a silently different model.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = _unwrap(module)
+
+    def _split(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        trainable_owner = {name for name, m in self.module.named_modules()
+                           if any(p.requires_grad for p in m.parameters(recurse=False))}
+        params = dict(self.module.named_parameters())
+        keep, frozen = {}, {}
+        for name, value in self.module.state_dict().items():
+            owner = name.rpartition(".")[0]
+            if name in params:
+                (keep if params[name].requires_grad else frozen)[name] = value
+            elif name.rpartition(".")[2] == "_extra_state":  # a module's own state (e.g. the text guidance's cache)
+                keep[name] = value
+            else:  # a buffer: kept with its module's trainable parameters
+                (keep if owner in trainable_owner else frozen)[name] = value
+        return keep, frozen
+
+    @staticmethod
+    def _fingerprint(frozen: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not frozen:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack([t.detach().double().sum().cpu() for t in frozen.values()])
+
+    def state_dict(self) -> dict:
+        keep, frozen = self._split()
+        return {"trainable": keep, "frozen_names": sorted(frozen), "frozen_fingerprint": self._fingerprint(frozen)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        keep, frozen = self._split()
+        missing, unexpected = set(keep) - set(state["trainable"]), set(state["trainable"]) - set(keep)
+        if missing or unexpected or sorted(frozen) != list(state["frozen_names"]):
+            raise CheckpointError(f"the saved {type(self.module).__name__} does not match this one: missing "
+                                  f"{sorted(missing)}, unexpected {sorted(unexpected)}.")
+        if not torch.allclose(self._fingerprint(frozen), state["frozen_fingerprint"].double(), rtol=1e-6, atol=1e-6):
+            raise CheckpointError(f"the frozen weights of {type(self.module).__name__} differ from those of the run "
+                                  "being resumed (was another stage-1 checkpoint given?).")
+        self.module.load_state_dict(state["trainable"], strict=False)
+
+
+def _randomizables(root: Any) -> list[Any]:
+    """The MONAI ``Randomizable`` transforms of a data loader's dataset, in a fixed order (each once)."""
+    from monai.transforms import Randomizable, Transform
+    from monai.transforms.compose import Compose
+
+    found, seen = [], set()
+
+    def walk(obj: Any) -> None:
+        if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, torch.Tensor, np.ndarray)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item)
+        elif isinstance(obj, torch.utils.data.DataLoader):
+            walk(obj.dataset)
+        elif isinstance(obj, torch.utils.data.Dataset):  # its transform, not its (possibly huge) data
+            for key in ("transform", "dataset", "datasets"):
+                walk(getattr(obj, key, None))
+        elif isinstance(obj, (Transform, Compose)):
+            if isinstance(obj, Randomizable) and isinstance(getattr(obj, "R", None), np.random.RandomState):
+                found.append(obj)
+            for value in vars(obj).values():
+                if isinstance(value, (list, tuple, dict, Transform, Compose)):
+                    walk(value)
+
+    walk(root)
+    return found
+
+
+def _np_state(state: tuple) -> dict:
+    name, keys, pos, has_gauss, gauss = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _np_tuple(state: Mapping) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+
+
+class RandomState:
+    """Every random state a training run draws from: Python, NumPy, torch (CPU and CUDA), and the private
+    generators of MONAI's random transforms in the given data loaders (``set_determinism`` seeds them once, at the
+    loaders' creation; they advance with every epoch)."""
+
+    def __init__(self, loaders: Iterable[Any] = ()) -> None:
+        self.transforms = _randomizables(list(loaders))
+
+    def state_dict(self) -> dict:
+        state = {"python": random.getstate(), "numpy": _np_state(np.random.get_state()),
+                 "torch": torch.get_rng_state(), "transforms": [_np_state(t.R.get_state()) for t in self.transforms]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise CheckpointError(f"the saved state has {len(state['transforms'])} random transforms, this run "
+                                  f"{len(self.transforms)}: the data pipeline changed.")
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(_np_tuple(state["numpy"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        for t, s in zip(self.transforms, state["transforms"]):
+            t.R.set_state(_np_tuple(s))
+
+
+class _EngineState:
+    """The trainer's epoch, iteration and epoch length (ignite's ``Engine.state_dict``), restored keeping this run's
+    ``max_epochs`` so that a resumed run can train longer."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return dict(self.engine.state_dict())
+
+    def load_state_dict(self, state: Mapping) -> None:
+        max_epochs, length = self.engine.state.max_epochs, self.engine.state.epoch_length
+        if length is not None and state["epoch_length"] != length:
+            raise CheckpointError(f"the run being resumed had {state['epoch_length']} iterations per epoch, this one "
+                                  f"{length}: batch size or data changed, so it cannot continue where it stopped.")
+        self.engine.load_state_dict(state)
+        if max_epochs is not None:
+            if self.engine.state.epoch > max_epochs:
+                raise CheckpointError(f"the run being resumed already trained {self.engine.state.epoch} epochs, more "
+                                      f"than max_epochs = {max_epochs}.")
+            self.engine.state.max_epochs = max_epochs
+
+
+class TrainingState:
+    """Trainer handler: a resumable state every ``interval`` epochs, and ``resume`` from the latest one.
+
+    The state file ``<save_dir>/<prefix>_epoch=<N>.pt`` (written by :func:`atomic_save`; the ``n_saved`` latest are
+    kept) holds each object of ``to_save`` (its ``state_dict``), the trainer's epoch and iteration, its AMP grad
+    scaler when it has one (``engine.step.scaler``), and the random states of Python, NumPy, torch and of the random
+    transforms of the trainer's data loaders (``engine.data_loader`` and ``engine.unlabeled_loader``). A resumed run
+    restarts at the epoch boundary after the last save; with ``set_determinism`` it then gives the same weights as an
+    uninterrupted run (single process; with several ranks only rank 0's random state is saved).
+
+    When the run starts:
+
+    - ``resume`` true: the latest state in ``save_dir`` is loaded; when there is none, the run starts afresh
+      (unless an earlier run's ``outputs`` exist: then there is nothing to resume from and it is an error).
+    - ``resume`` false and an earlier run left ``outputs`` or states in ``save_dir``: an error unless ``overwrite``
+      is true; then the old states are removed (the outputs are replaced as this run saves new ones).
+
+    Args:
+        save_dir: folder of the states (the run's checkpoint folder).
+        to_save: name -> object with ``state_dict``/``load_state_dict`` (networks, optimiser, scheduler, a
+            :class:`~amvlm_monai.handlers.SelectBestModel`); None values are skipped (e.g. the teacher of the supervised variant).
+        prefix: file name prefix, one per training stage (``train_state``, ``pretrain_state``).
+        interval: epochs between saves (the last epoch is always saved); 0 saves only at the end.
+        n_saved: number of states kept.
+        resume: continue from the latest state (bool, or "true"/"false" as given on the command line).
+        overwrite: allow a fresh run to replace an earlier run's outputs.
+        outputs: files of an earlier run that a fresh run would replace (``model.pt``, ``amvlm_pretrained.pt``).
+        partial: names in ``to_save`` saved without their frozen parameters (:class:`TrainableState`).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, to_save: Mapping[str, Any], prefix: str = "train_state",
+                 interval: int = 1, n_saved: int = 1, resume: Any = False, overwrite: Any = False,
+                 outputs: Sequence[str | os.PathLike] = (), partial: Sequence[str] = ()) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+            raise ValueError(f"prefix must be letters, digits, '_' or '-', got '{prefix}'.")
+        if int(interval) < 0 or int(n_saved) < 1:
+            raise ValueError(f"interval must be >= 0 and n_saved >= 1, got {interval} and {n_saved}.")
+        unknown = set(partial) - set(to_save)
+        if unknown:
+            raise ValueError(f"partial names {sorted(unknown)} are not in to_save {sorted(to_save)}.")
+        self.save_dir = Path(save_dir)
+        self.prefix = prefix
+        self.interval = int(interval)
+        self.n_saved = int(n_saved)
+        self.resume = as_bool(resume, "resume")
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.outputs = [Path(p) for p in outputs]
+        self.objects = {k: (TrainableState(v) if k in partial else v) for k, v in to_save.items() if v is not None}
+        self.resumed_from: Optional[Path] = None
+        self._saved_iteration: Optional[int] = None
+
+    _RE = r"^{prefix}_epoch=(\d+)\.pt$"
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        if self.interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def states(self) -> list[Path]:
+        """This stage's states in ``save_dir``, oldest first."""
+        if not self.save_dir.is_dir():
+            return []
+        pattern = re.compile(self._RE.format(prefix=re.escape(self.prefix)))
+        found = [(int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := pattern.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def _complete(self, engine) -> None:
+        """Add what the engine holds (known only once it is built, i.e. when it starts)."""
+        scaler = getattr(getattr(engine, "step", None), "scaler", None)
+        if scaler is not None:
+            self.objects["scaler"] = scaler
+        loaders = [getattr(engine, k, None) for k in ("data_loader", "unlabeled_loader")]
+        self.objects["random"] = RandomState([x for x in loaders if x is not None])
+        self.objects["trainer"] = _EngineState(engine)
+
+    def start(self, engine) -> None:
+        self._complete(engine)
+        clean_stale_tmp(self.save_dir)
+        states = self.states()
+        earlier = [p for p in self.outputs if p.exists()] + states
+        if self.resume and states:
+            self.load(states[-1], engine)
+            return
+        if earlier and not self.overwrite:
+            hint = ("there is no state to resume from (" + self.prefix + "_epoch=N.pt)" if self.resume else
+                    "add --resume true to continue that run")
+            raise FileExistsError(
+                f"an earlier run left {', '.join(map(str, earlier))}; {hint}, or add --overwrite true to start "
+                "afresh and replace them.")
+        if earlier:
+            logger.warning(f"--overwrite: starting afresh; {', '.join(map(str, earlier))} from an earlier run "
+                           "will be replaced.")
+            if _rank() == 0:
+                for p in states:
+                    p.unlink(missing_ok=True)
+        elif self.resume:
+            logger.info(f"--resume: no {self.prefix}_epoch=N.pt in {self.save_dir}; starting afresh.")
+
+    def load(self, path: Path, engine) -> None:
+        state = load_checkpoint(path, map_location="cpu")
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path}: not a training state (a {type(state).__name__}).")
+        missing, unexpected = set(self.objects) - set(state), set(state) - set(self.objects)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: does not match this run's configuration: it lacks {sorted(missing)} "
+                                  f"and has {sorted(unexpected)} in addition (another variant or AMP setting?).")
+        from ignite.handlers import Checkpoint
+
+        order = [k for k in self.objects if k not in ("trainer", "random")] + ["trainer", "random"]
+        try:
+            Checkpoint.load_objects({k: self.objects[k] for k in order}, {k: state[k] for k in order})
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not match this run's networks or optimiser: {e}") from None
+        self.resumed_from = path
+        self._saved_iteration = engine.state.iteration
+        logger.info(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}.")
+
+    def save(self, engine) -> None:
+        if engine.state.iteration == self._saved_iteration or _rank() != 0:
+            return
+        state = {k: _unwrap(obj).state_dict() for k, obj in self.objects.items()}
+        path = atomic_save(state, self.save_dir / f"{self.prefix}_epoch={engine.state.epoch}.pt")
+        self._saved_iteration = engine.state.iteration
+        for old in self.states()[: -self.n_saved]:
+            if old != path:
+                old.unlink(missing_ok=True)
+        logger.info(f"saved the training state {path}")
