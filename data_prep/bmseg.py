@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe import describe_mask
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 
 from .common import (
@@ -253,7 +254,7 @@ def convert_bmseg(
                 mask = binarize(im, source)
             it["label"] = str(save_png(np.where(mask, 255, 0).astype(np.uint8),
                                        Path(out).resolve() / "labels" / f"{it['id']}.png"))
-    return write_outputs(datalist, out, seed, fractions, few_shot, group_key="patient")
+    return write_outputs(datalist, out, seed, fractions, few_shot, group_key="patient", roots=[root])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -264,8 +265,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--patient-regex", default=PATIENT_REGEX, help="patient id: group 'patient' or group 1")
     p.add_argument("--no-bone-relative", action="store_true", help="describe lesions relative to the image")
     a = p.parse_args(argv)
-    path = convert_bmseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
-                         a.val_fraction, a.patient_regex, not a.no_bone_relative)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_bmseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
+                             a.val_fraction, a.patient_regex, not a.no_bone_relative)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

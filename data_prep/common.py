@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from amvlm_monai.data.datalist import write_datalist
+from amvlm_monai.data.datalist import ROOTS_KEY, write_datalist
 from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.splits import partition, write_splits
 
@@ -394,9 +394,16 @@ def save_png(array: np.ndarray, path: Path) -> Path:
 
 
 def write_outputs(datalist: dict, out: str | os.PathLike, seed: int, fractions: Iterable[float],
-                  few_shot: Iterable[float], group_key: str | None = None) -> Path:
-    """Write ``out/datalist.json`` (sections in `SECTIONS` order) and the split files; returns the datalist path."""
+                  few_shot: Iterable[float], group_key: str | None = None,
+                  roots: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``out/datalist.json`` (sections in `SECTIONS` order) and the split files; returns the datalist path.
+
+    ``roots``: source folders the items' files stay in (recorded as ``"data_roots"``, so that
+    `amvlm_monai.data.datalist.load_datalist` accepts paths into them).
+    """
     datalist = {s: datalist[s] for s in SECTIONS}
+    if roots:
+        datalist[ROOTS_KEY] = [str(Path(r).resolve()) for r in roots]
     path = write_datalist(datalist, Path(out) / "datalist.json")
     write_splits(datalist, out, seed=seed, fractions=tuple(fractions), few_shot=tuple(few_shot), group_key=group_key)
     return path

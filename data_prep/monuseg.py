@@ -68,6 +68,7 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe_nuclei import describe_nuclei
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 
 from .common import (
@@ -404,7 +405,7 @@ def convert_monuseg(
     layout, plan = collect(root, seed, val_fraction, margin)
     if layout == "original":
         plan = {section: [convert_slide(s, out) for s in slides] for section, slides in plan.items()}
-    return write_outputs(plan, out, seed, fractions, few_shot)
+    return write_outputs(plan, out, seed, fractions, few_shot, roots=[root] if layout == "lvit" else [])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -413,7 +414,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="validation share (original layout)")
     p.add_argument("--margin", type=float, default=MARGIN, help="vertices up to this many px outside are clipped")
     a = p.parse_args(argv)
-    path = convert_monuseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.val_fraction, a.margin)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_monuseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.val_fraction, a.margin)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

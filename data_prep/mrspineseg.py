@@ -50,6 +50,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.spine import NUM_SPINE_CLASSES, describe_spine
 
@@ -341,8 +342,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None,
                    help="slice along this stored voxel axis (default: the affine's left-right axis)")
     a = p.parse_args(argv)
-    path = convert_mrspineseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
-                              a.val_fraction, a.keep_empty, a.axis)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_mrspineseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
+                                  a.val_fraction, a.keep_empty, a.axis)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from amvlm_monai.data.describe import describe_mask
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.splits import partition
 
@@ -194,14 +195,15 @@ def convert_qata(
     _, root = detect_layout(src)
     check_out(out, root)
     datalist = collect(root, seed)
-    return write_outputs(datalist, out, seed, fractions, few_shot)
+    return write_outputs(datalist, out, seed, fractions, few_shot, roots=[root])
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description="QaTa-COV19 (LViT or Kaggle layout) -> MONAI datalist + split files.")
     add_common_args(p, "QaTa-COV19 folder (LViT or Kaggle layout)")
     a = p.parse_args(argv)
-    path = convert_qata(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot))
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_qata(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot))
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

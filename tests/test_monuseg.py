@@ -145,7 +145,7 @@ def test_original_layout(tmp_path):
     path = main(["--src", str(src), "--out", str(tmp_path / "out"), "--seed", "0"])
     assert listing(src) == before
     raw = json.loads(path.read_text())
-    assert {k: len(v) for k, v in raw.items()} == {"training": 4, "validation": 1, "test": 2}
+    assert {k: len(raw[k]) for k in ('training', 'validation', 'test')} == {"training": 4, "validation": 1, "test": 2}
     assert {it["id"] for it in raw["test"]} == {"TCGA-T0-0000", "TCGA-T1-0000"}
     first = raw["training"][0]
     assert set(first) == {"image", "label", "text", "id"}
@@ -192,7 +192,7 @@ def test_lvit_layout(tmp_path):
     path = convert_monuseg(tmp_path / "data", tmp_path / "out")  # finds the sub-folder
     assert listing(src) == before
     dl = json.loads(path.read_text())
-    assert {k: len(v) for k, v in dl.items()} == {"training": 3, "validation": 1, "test": 2}
+    assert {k: len(dl[k]) for k in ('training', 'validation', 'test')} == {"training": 3, "validation": 1, "test": 2}
     assert dl["training"][0] == {"image": "../data/MoNuSeg/Train_Folder/img/a1.png",
                                  "label": "../data/MoNuSeg/Train_Folder/labelcol/a1.png", "text": "Nuclei of a1.",
                                  "id": "a1"}

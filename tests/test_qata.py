@@ -69,7 +69,7 @@ def test_lvit_layout(tmp_path):
     path = main(["--src", str(tmp_path), "--out", str(tmp_path / "out"), "--seed", "0"])  # finds the sub-folder
     assert listing(src) == before
     raw = json.loads(path.read_text())
-    assert {k: len(v) for k, v in raw.items()} == {"training": 4, "validation": 2, "test": 1}
+    assert {k: len(raw[k]) for k in ('training', 'validation', 'test')} == {"training": 4, "validation": 2, "test": 1}
     first = raw["training"][0]
     assert first == {
         "image": "../QaTa-COV19/Train_Folder/img/covid_1.png",
@@ -126,7 +126,7 @@ def test_kaggle_layout_seeded_validation(tmp_path):
     p0 = convert_qata(src, tmp_path / "o0", seed=0)
     assert listing(src) == before
     dl = json.loads(p0.read_text())
-    assert {k: len(v) for k, v in dl.items()} == {"training": 8, "validation": 2, "test": 2}
+    assert {k: len(dl[k]) for k in ('training', 'validation', 'test')} == {"training": 8, "validation": 2, "test": 2}
     train_ids = {it["id"] for it in dl["training"]}
     assert train_ids.isdisjoint(it["id"] for it in dl["validation"])
     for it in load_datalist(p0, "validation"):

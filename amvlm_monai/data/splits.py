@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .datalist import read_datalist, write_datalist
+from .datalist import ROOTS_KEY, read_datalist, write_datalist
 from .errors import DataError
 
 __all__ = [
@@ -203,6 +203,10 @@ def write_splits(
         DataError: the datalist has no or an empty ``training`` section. Nothing is written then.
     """
     data = read_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
+    if isinstance(datalist, (str, os.PathLike)) and isinstance(data, dict):  # split files elsewhere: keep its folder
+        folder = os.path.dirname(os.path.abspath(datalist))
+        if os.path.abspath(out_dir) != folder:
+            data[ROOTS_KEY] = list(dict.fromkeys([folder] + list(data.get(ROOTS_KEY) or [])))
     training = data.get("training") if isinstance(data, dict) else None
     if not training:
         where = "" if isinstance(datalist, dict) else f" {datalist}"
