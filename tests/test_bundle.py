@@ -121,8 +121,10 @@ def test_variants_train(bundle_copy, demo_data, variant, tmp_path):
 
 
 def test_inference_on_an_empty_folder_names_it(bundle_copy, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(Exception) as err:
-        _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0)
+        _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0,
+             image_size=32, in_channels=1, out_channels=1, multiclass=False, unet_size="paper", threshold=0.5)
     chain, e = [], err.value
     while e is not None:
         chain.append(str(e))
