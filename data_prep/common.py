@@ -125,7 +125,8 @@ def check_out(out: str | os.PathLike, *sources: str | os.PathLike, written: Sequ
     for src in sources:
         src_abs = Path(src).resolve()
         if out_abs == src_abs or src_abs in out_abs.parents:
-            raise DataError(f"{out}: output folder lies inside the source folder {src}; the source is never written to.")
+            raise DataError(f"{out}: output folder lies inside the source folder {src}; the source is never "
+                            "written to.")
         for sub in written:
             target = out_abs / sub
             if src_abs == target or target in src_abs.parents:

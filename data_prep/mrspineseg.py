@@ -238,7 +238,8 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
                 expected = "Case<N>.nii.gz" if role == "image" else "mask_case<N>.nii.gz"
                 problems.append(f"{path}: unexpected file name: expected {expected}")
             elif int(m.group(1)) in found[role]:
-                problems.append(f"{path}: a second file for case {int(m.group(1))} (the first: {found[role][int(m.group(1))]})")
+                first = found[role][int(m.group(1))]
+                problems.append(f"{path}: a second file for case {int(m.group(1))} (the first: {first})")
             else:
                 found[role][int(m.group(1))] = path
     images, masks = found["image"], found["mask"]

@@ -31,7 +31,8 @@ Outputs in ``--out`` (never inside ``--src``; the source folder is only read):
 
 Every source file is checked before anything is written: readable PNGs (PIL verify + decode), an image for every
 mask and spreadsheet row, a mask for every image, a description for every row, the spreadsheet columns, image and
-mask of the same size, mask values 0/1 or 0/255 only, no empty split, no image listed twice. All problems are raised together in one
+mask of the same size, mask values 0/1 or 0/255 only, no empty split, no image listed twice. All problems are raised
+together in one
 `amvlm_monai.data.errors.DataError` naming each file; nothing is written then.
 
 CLI::

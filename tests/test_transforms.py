@@ -58,7 +58,8 @@ def test_grayscale_and_binarize():
     with pytest.raises(ValueError, match=r"mask values \{0, 10, 255\} are not binary"):
         BinarizeLabeld("label")({"label": lab})
     for ok in ([[[0.0, 255.0]]], [[[1.0, 0.0]]], [[[0.0, 0.0]]], [[[255.0, 255.0]]]):
-        assert BinarizeLabeld("label")({"label": torch.tensor(ok)})["label"].tolist() == [[[float(v > 0) for v in ok[0][0]]]]
+        out = BinarizeLabeld("label")({"label": torch.tensor(ok)})["label"]
+        assert out.tolist() == [[[float(v > 0) for v in ok[0][0]]]]
 
 
 @pytest.fixture

@@ -65,7 +65,8 @@ from monai.utils import optional_import
 __all__ = [
     "FORMATS", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES", "DicomSeries", "detect_format", "list_dicom_series",
     "select_dicom_series", "reader_for", "load_clinical", "ClinicalLoadd", "resolve_modality",
-    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain", "check_finite_image", "CheckFinited", "Load2Dd",
+    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain", "check_finite_image", "CheckFinited",
+    "Load2Dd",
 ]
 
 logger = logging.getLogger(__name__)

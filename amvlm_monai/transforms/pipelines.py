@@ -153,12 +153,17 @@ def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: boo
     """
     from monai.transforms import Activationsd, AsDiscreted, Invertd, SaveImaged
 
+    from amvlm_monai.inference.files import SaveNiftid
+
     chain = [
         Activationsd(keys="pred", softmax=multiclass, sigmoid=not multiclass),
         AsDiscreted(keys="pred", argmax=multiclass, threshold=None if multiclass else threshold),
         Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
-        SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask", resample=False,
-                   separate_folder=False, print_log=False, output_dtype="uint8",
-                   scale=None if multiclass else 255),
     ]
+    if output_ext.lower() in (".nii", ".nii.gz"):  # label maps with the input's 4x4 affine (2D slices of volumes)
+        chain.append(SaveNiftid(keys="pred", output_dir=output_dir, output_ext=output_ext))
+    else:
+        chain.append(SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask",
+                                resample=False, separate_folder=False, print_log=False, output_dtype="uint8",
+                                scale=None if multiclass else 255))
     return Compose(chain)
