@@ -33,7 +33,7 @@ import torch
 from amvlm_monai.data.errors import DataError
 
 __all__ = ["INFO_NAME", "FORMAT", "INTENSITY_RULES", "info_path", "make_model_info", "write_model_info",
-           "read_model_info", "build_network", "SaveModelInfo"]
+           "read_model_info", "build_network", "load_state", "SaveModelInfo", "LoadModel"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +189,59 @@ class SaveModelInfo:
         write_model_info(self.path, self.info)
         logger.info("model info: %s", self.path)
         return self.path
+
+
+def _state_dict(obj: Any, path: Path) -> dict:
+    """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "network", "net"):
+            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise DataError(f"{path}: not a network state dict (parameter name -> tensor).")
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """The network state dict in ``path`` (``torch.load(weights_only=True)``: tensors and plain containers only),
+    or one error naming the file (missing, truncated, corrupt, or not a state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({path.stat().st_size} bytes; truncated, "
+                        f"corrupt or unsafe: {detail}).") from None
+    return _state_dict(obj, path)
+
+
+class LoadModel:
+    """Load ``load_path`` into ``network`` when the engine starts, with one error naming the file when it cannot
+    be read (`load_state`) or does not fit the network (the settings it was trained with differ).
+
+    Args:
+        load_path: the model file (``model.pt``: a state dict, or one under ``model``).
+        network: the network to fill.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module) -> None:
+        self.load_path = Path(load_path)
+        self.network = network
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        state = load_state(self.load_path)
+        net = getattr(self.network, "module", self.network)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise DataError(f"{self.load_path}: does not fit the network built from the settings given ({first}); "
+                            f"check {info_path(self.load_path)} or the --image_size/--unet_size/--in_channels/"
+                            "--out_channels flags.") from None

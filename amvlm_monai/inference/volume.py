@@ -56,7 +56,7 @@ from amvlm_monai.transforms.clinical import (
     clinical_load_chain,
 )
 
-__all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "load_weights", "main"]
+__all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
 
 
 def _size2d(image_size) -> tuple[int, int] | None:
@@ -279,31 +279,6 @@ def segment_volume(network: nn.Module, path: PathLike, output_dir: PathLike,
     return seg(path, output_dir)
 
 
-def _state_dict(obj, path: PathLike) -> dict:
-    """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "network", "net"):
-            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ValueError(f"{path}: not a network state dict (parameter name -> tensor).")
-
-
-def load_weights(path: PathLike) -> dict:
-    """The network state dict in ``path`` (``torch.load(weights_only=True)``), or one error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({path.stat().st_size} bytes; truncated, "
-                         f"corrupt or unsafe: {detail}).") from None
-    return _state_dict(obj, path)
-
-
 def _settings(info: dict | None) -> dict:
     if info is None:
         return {"image_size": [224], "axis": 0, "axcodes": None, "modality": "auto", "multiclass": False,
@@ -357,7 +332,7 @@ def _model_path(args, parser) -> Path:
 
 def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmenter:
     """The `VolumeSegmenter` a command line asks for: model info beside the model, then the flags over it."""
-    from amvlm_monai.model_info import build_network, read_model_info
+    from amvlm_monai.model_info import build_network, load_state, read_model_info
 
     model = _model_path(args, parser)
     info = read_model_info(model, required=False)
@@ -370,7 +345,7 @@ def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmente
         if value is not None:
             net_kwargs[key] = tuple(value) if isinstance(value, list) else value
     network = build_network({"network": net_kwargs})
-    state = load_weights(model)
+    state = load_state(model)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:

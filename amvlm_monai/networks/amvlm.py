@@ -197,7 +197,12 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a truncated file
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({os.path.getsize(path)} bytes; truncated or "
+                         f"corrupt: {detail}).") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not an AMVLM stage-1 checkpoint (needs keys 'model' and 'config', found {keys}).")
