@@ -99,10 +99,11 @@ def _is_bundle_cli(argv: Sequence[str]) -> bool:
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (``__cause__``, else ``__context__``)."""
+    """The innermost exception of a chain (``__cause__``, else an unsuppressed ``__context__``): what Python's
+    traceback shows first."""
     seen = {id(exc)}
     while True:
-        nxt = exc.__cause__ or exc.__context__
+        nxt = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if nxt is None or id(nxt) in seen:
             return exc
         seen.add(id(nxt))
@@ -121,7 +122,7 @@ def _excepthook(previous):
         while e is not None and e is not root:
             first = (str(e).splitlines() or [""])[0]
             wrappers.append(f"  {type(e).__name__}: {first[:160]}")
-            e = e.__cause__ or e.__context__
+            e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         out.write("raised inside MONAI's config workflow:\n" + "\n".join(reversed(wrappers))
                   + f"\n(the full chained traceback: {_FULL_ENV}=1)\n")
         out.write("\n".join(error_lines(root)) + "\n")
@@ -156,8 +157,8 @@ def bundle_guard(writable: Sequence[str | os.PathLike] = (), argv: Sequence[str]
         if dropped:
             keys = ", ".join(f"--{k} None" for k in dropped)
             raise ValueError(f"{keys}: MONAI's command line drops overrides whose value is None, so the config's own "
-                             "value would be used without a word; give a value (e.g. --unet_size light) or edit the "
-                             "config file.")
+                             "value would be used without a word; give another value, or put the null in a config "
+                             "file added to --config_file (a file keeps it).")
     for folder in writable:
         if folder not in (None, ""):
             check_writable(folder)
