@@ -241,7 +241,7 @@ class LoadModel:
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            first = (str(e).splitlines() or [""])[0]
+            first = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
             raise DataError(f"{self.load_path}: does not fit the network built from the settings given ({first}); "
                             f"check {info_path(self.load_path)} or the --image_size/--unet_size/--in_channels/"
                             "--out_channels flags.") from None

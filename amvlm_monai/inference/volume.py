@@ -350,7 +350,7 @@ def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmente
         network.load_state_dict(state)
     except RuntimeError as e:
         where = f"the settings of {info and 'model_info.json beside it' or 'the flags (no model_info.json beside it)'}"
-        first = (str(e).splitlines() or [""])[0]
+        first = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
         raise ValueError(f"{model}: does not fit build_segmentation_net({net_kwargs}) built from {where}: {first} "
                          "(give the training run's --in-channels/--out-channels/--size)") from None
     size = args.image_size if args.image_size is not None else cfg["image_size"]
