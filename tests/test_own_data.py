@@ -103,3 +103,31 @@ def test_bad_folder_gives_error_lines_and_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--src", str(src), "--out", str(src / "out")])
     assert "inside the source folder" in capsys.readouterr().err and listing(src) == before
+
+
+def test_training_on_a_plain_datalist_says_what_to_do(tmp_path):
+    """A datalist without labelled/unlabelled flags used as a split file: one message naming it and the command."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from monai.bundle import run
+
+    from amvlm_monai.cli import root_cause
+
+    src, _ = make_folder(tmp_path / "src")
+    path = prepare(tmp_path / "data", src=src, fractions=(0.5,), few_shot=())
+    qata = Path(__file__).resolve().parents[1] / "bundles" / "qata_covid19_cxr_segmentation"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qata, bundle)
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    try:
+        with pytest.raises(Exception) as e:
+            run(run_id="training", config_file=str(bundle / "configs" / "train.json"), bundle_root=str(bundle),
+                meta_file=str(bundle / "configs" / "metadata.json"), split_file=str(path), ckpt_dir=str(tmp_path / "m"),
+                image_size=32, num_workers=0, cache_rate=0.0, amp=False, max_epochs=1, use_text=False)
+    finally:
+        os.chdir(cwd)
+    msg = str(root_cause(e.value))
+    assert msg.startswith(f"{path}: no unlabelled training items") and "python -m data_prep.own_data" in msg
