@@ -7,6 +7,7 @@ import runpy
 import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,9 @@ def run_module(argv: list[str]) -> None:
     saved = sys.argv
     try:
         sys.argv = [module] + args
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():  # runpy notes that the package was imported before: expected here
+            warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         assert e.code in (0, None), f"{' '.join(argv)} exited with {e.code}"
     finally:
