@@ -148,12 +148,14 @@ def _shapes(net: torch.nn.Module) -> dict[str, tuple]:
 
 
 class SaveModelInfo:
-    """Write ``<save_dir>/model_info.json`` when training starts (so it exists as soon as any ``model.pt`` does).
+    """Write ``<save_dir>/model_info.json`` after the first training step, before any ``model.pt`` of the run.
 
-    The folder is checked for writing first, so a read-only output folder stops the run before its first step. The
-    record's ``network`` arguments are checked against the network being trained (same parameter names and shapes);
-    when they differ (``network_def`` changed on the command line beyond the listed keys) the run stops with a
-    message, since the file would describe another network.
+    When training starts, the folder is checked for writing (a read-only output folder stops the run before its
+    first step) and the record's ``network`` arguments are checked against the network being trained (same parameter
+    names and shapes; when they differ, ``network_def`` was changed on the command line beyond the listed keys, the
+    run stops with a message, since the file would describe another network). The file itself is written after the
+    first iteration, so a run that is refused at its start (e.g. not to replace an earlier run's outputs) leaves the
+    earlier run's file as it was.
 
     Args:
         save_dir: the folder ``model.pt`` is saved in (``ckpt_dir``).
@@ -174,18 +176,21 @@ class SaveModelInfo:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.STARTED, self.check)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
 
-    def __call__(self, engine=None) -> Path:
+    def check(self, engine=None) -> None:
+        """The folder can be written and the record describes the network being trained."""
         from amvlm_monai.cli import check_writable
 
         check_writable(self.path.parent, "model folder (ckpt_dir)")
         net = getattr(self.network, "module", self.network)
-        described = _shapes(build_network(self.info))
-        if described != _shapes(net):
-            raise ValueError(f"{self.path}: network_args {self.info['network']} do not describe the network being "
+        if _shapes(build_network(self.info)) != _shapes(net):
+            raise DataError(f"{self.path}: network_args {self.info['network']} do not describe the network being "
                              "trained (network_def was changed beyond in_channels/out_channels/unet_size?); keep "
                              "the model info true by changing those keys instead.")
+
+    def __call__(self, engine=None) -> Path:
         write_model_info(self.path, self.info)
         logger.info("model info: %s", self.path)
         return self.path

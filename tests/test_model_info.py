@@ -122,3 +122,25 @@ def test_volume_inference_needs_only_model_and_input(trained, tmp_path):
                    "--multiclass", "--out-channels", "20", "--axcodes", "none", "--no-slice-minmax"]
                   + (["--size", LIGHT] if LIGHT else []))
     assert not np.array_equal(np.asarray(nib.load(old).dataobj), seg)
+
+
+def test_save_model_info_checks_at_start_and_writes_after_the_first_step(tmp_path):
+    from ignite.engine import Engine
+
+    from amvlm_monai.data.errors import DataError
+    from amvlm_monai.model_info import SaveModelInfo, read_model_info
+    from amvlm_monai.networks.segmentation import build_segmentation_net
+
+    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "size": None}
+    seen = []
+    engine = Engine(lambda e, b: seen.append((tmp_path / "model_info.json").exists()))
+    SaveModelInfo(tmp_path, build_segmentation_net(out_channels=2), args, 32, multiclass=True).attach(engine)
+    engine.run([0, 1, 2], max_epochs=1)
+    assert seen == [False, True, True]  # written after the first step, not at the start
+    info = read_model_info(tmp_path / "model.pt")
+    assert info["out_channels"] == 2 and info["image_size"] == [32, 32] and info["multiclass"]
+    wrong = Engine(lambda e, b: None)
+    SaveModelInfo(tmp_path / "w", build_segmentation_net(out_channels=3), args, 32).attach(wrong)
+    with pytest.raises(DataError, match="do not describe the network being trained"):
+        wrong.run([0], max_epochs=1)
+    assert not (tmp_path / "w" / "model_info.json").exists()
