@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -27,9 +28,28 @@ _DEBUG_ENV = "AMVLM_DEBUG"
 _FULL_ENV = "AMVLM_FULL_TRACEBACK"
 
 
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.+)$")
+
+
+def _worker_message(text: str) -> str | None:
+    """The innermost error of a traceback a DataLoader worker sent as text ("Caught X in DataLoader worker process
+    N. Original Traceback ..."): Python prints a chain cause first, so the first exception line."""
+    if "Original Traceback" not in text:
+        return None
+    for line in text.splitlines():
+        m = _EXC_LINE.match(line.strip())
+        if m:
+            return m.group(2)
+    return None
+
+
 def error_lines(exc: BaseException) -> list[str]:
     """``error: ...`` lines for an exception: one per problem of a `DataError`; an ``OSError`` as
-    ``<file>: <reason>``; any other exception's message, its first line prefixed."""
+    ``<file>: <reason>``; an error raised in a DataLoader worker as its original message; any other exception's
+    message, its first line prefixed."""
+    worker = _worker_message(str(exc))
+    if worker is not None:
+        return [f"error: {worker}"]
     problems = getattr(exc, "problems", None)
     if isinstance(problems, list) and problems and all(isinstance(p, str) for p in problems):
         return [f"error: {p}" for p in problems]

@@ -73,3 +73,14 @@ def test_bundle_run_reports_the_project_message_first(tmp_path, monkeypatch, cap
     assert err[0].startswith("error: --unet_size None: MONAI's command line drops overrides whose value is None")
     assert err[-1] == err[0] and len(err) < 25
     assert isinstance(root_cause(e.value), ValueError)
+
+
+def test_error_raised_in_a_dataloader_worker_shows_its_original_message():
+    """A worker sends its traceback as text; MONAI's wrapper comes last in it, the project's message first."""
+    text = ("Caught RuntimeError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    raise ValueError(msg)\n'
+            "ValueError: /data/b.png: empty file (0 bytes); nothing to read.\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            "Traceback (most recent call last):\n  File \"y.py\", line 2, in g\n"
+            "RuntimeError: applying transform <amvlm_monai.transforms.clinical.Load2Dd object at 0x7f>\n")
+    assert error_lines(RuntimeError(text)) == ["error: /data/b.png: empty file (0 bytes); nothing to read."]

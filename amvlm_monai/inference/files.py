@@ -17,18 +17,33 @@ def input_items(input: str | os.PathLike, patterns: str | Sequence[str] = INPUT_
     """``[{"image": path}, ...]``: ``input`` itself when it is a file, else the files of the folder ``input`` whose
     names match one of ``patterns`` (shell patterns, case-insensitive: ``*.png`` also takes ``A.PNG``), sorted.
 
+    Every file is checked before any is read (`amvlm_monai.transforms.clinical.detect_format`: an empty file, a
+    ``.dcm`` that is not DICOM, an unsupported type), so a bad one stops the run before any work, naming it.
+
     Raises:
         FileNotFoundError: ``input`` does not exist (the message names it).
+        DataError: listing each bad file.
     """
+    from amvlm_monai.data.errors import raise_if_problems
+    from amvlm_monai.transforms.clinical import detect_format
+
     path = Path(input)
     if path.is_file():
-        return [{"image": str(path)}]
-    if not path.is_dir():
+        files = [path]
+    elif not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder (the input of inference).")
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    pats = [p.lower() for p in pats]
-    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
-             and any(fnmatch.fnmatchcase(f.name.lower(), p) for p in pats)]
+    else:
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        pats = [p.lower() for p in pats]
+        files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
+                 and any(fnmatch.fnmatchcase(f.name.lower(), p) for p in pats)]
+    problems = []
+    for f in files:  # what can be told without decoding: empty files, .dcm files that are not DICOM, unknown types
+        try:
+            detect_format(f)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+    raise_if_problems(problems, f"the inputs in {path}")
     return [{"image": str(f)} for f in files]
 
 
