@@ -54,6 +54,7 @@ from amvlm_monai.transforms.clinical import (
     IntensityByModalityd,
     check_finite_image,
     clinical_load_chain,
+    detect_format,
 )
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
@@ -375,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     written = []
     with cli_errors():
+        for path in args.input:  # every input's type checked before any work (an empty file, a non-DICOM .dcm)
+            detect_format(path)
         seg = segmenter_from_args(args, parser)
         check_writable(args.output)
         for path in args.input:
