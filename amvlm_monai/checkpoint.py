@@ -6,7 +6,8 @@
 - :func:`atomic_save` writes a temporary file in the target's folder, flushes it to disk and renames it over the
   target: a kill during the save leaves the previous file intact. :func:`clean_stale_tmp` removes what a killed
   writer left behind; the handlers call it when a run starts.
-- :class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` (already ``weights_only``) with that clear error.
+- The bundles' evaluation and inference read ``model.pt`` with :class:`~amvlm_monai.model_info.LoadModel`, which
+  goes through :func:`load_checkpoint`.
 - ``model.pt`` is written by :class:`~amvlm_monai.handlers.SelectBestModel` through :func:`atomic_save` (a plain
   state dict, as MONAI's ``CheckpointSaver`` did); its best score is part of the resumable state.
 - :class:`TrainingState` saves, every ``interval`` epochs, everything a run needs to continue after a kill (networks,
@@ -34,7 +35,7 @@ from torch import nn
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "atomic_save", "clean_stale_tmp", "plain_config", "as_bool",
-    "SafeCheckpointLoader", "TrainableState", "RandomState", "TrainingState",
+    "TrainableState", "RandomState", "TrainingState",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,36 +90,6 @@ def _corrupt(path: str, err: BaseException) -> CheckpointError:
                            f"{detail.rstrip('.')}); copy it again or use an earlier one.")
 
 
-def _safe_checkpoint_loader() -> type:
-    from monai.handlers import CheckpointLoader
-
-    class SafeCheckpointLoader(CheckpointLoader):
-        """MONAI's ``CheckpointLoader`` (``weights_only=True``) whose unreadable file gives one
-        :class:`CheckpointError` naming it. Same arguments as ``monai.handlers.CheckpointLoader``; the file is read
-        once (it is re-read only to explain a failure)."""
-
-        def __call__(self, engine) -> None:
-            if not os.path.isfile(self.load_path):
-                raise FileNotFoundError(f"checkpoint not found: {self.load_path}")
-            try:
-                super().__call__(engine)
-            except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, OSError):
-                load_checkpoint(self.load_path, map_location="cpu")  # raises the clear error when the file is bad
-                raise
-
-    SafeCheckpointLoader.__module__ = __name__
-    return SafeCheckpointLoader
-
-
-def __getattr__(name: str) -> Any:  # built on first use: importing MONAI's handlers takes seconds
-    if name == "SafeCheckpointLoader":
-        cls = _safe_checkpoint_loader()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---- saving ---------------------------------------------------------------------------------------------------------
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 

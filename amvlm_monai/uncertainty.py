@@ -88,15 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--image needs --reports")
     if args.images and not args.report:
         parser.error("--images needs --report")
+    from amvlm_monai.cli import cli_errors
     from amvlm_monai.networks.amvlm import load_amvlm
 
-    try:
+    with cli_errors():  # a bad checkpoint or image: `error: <file>: <what is wrong>`, exit status 2
         model = load_amvlm(args.checkpoint, text_model=args.text_model)
-    except (FileNotFoundError, ValueError) as e:  # missing, unsafe, truncated or not a stage-1 checkpoint
-        parser.error(str(e))
-    images = [args.image] if args.image else args.images
-    reports = args.reports if args.image else [args.report]
-    print(format_report(similarity_report(model, images, reports)))
+        images = [args.image] if args.image else args.images
+        reports = args.reports if args.image else [args.report]
+        print(format_report(similarity_report(model, images, reports)))
     return 0
 
 

@@ -72,7 +72,7 @@ def read_xlsx(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     try:
         wb = load_workbook(path, read_only=True, data_only=True)
     except Exception as e:  # openpyxl raises several types for a corrupt or non-xlsx file
-        raise DataError(f"cannot read spreadsheet {path}: {e}") from e
+        raise DataError(f"{path}: cannot read spreadsheet ({e})") from e
     try:
         ws = wb.worksheets[0]
         rows = ws.iter_rows(values_only=True)
@@ -81,7 +81,7 @@ def read_xlsx(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
         missing = [c for c in required if c not in columns]
         if missing:
             raise DataError(
-                f"spreadsheet {path} lacks column(s) {missing}; columns found: {[c for c in columns if c]}."
+                f"{path}: spreadsheet lacks column(s) {missing}; columns found: {[c for c in columns if c]}."
             )
         out = []
         for n, row in enumerate(rows, start=2):

@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe import describe_mask
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 
 from .common import (
@@ -132,7 +133,7 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     for name, path in files.items():
         s = stem(name)
         if s in out:
-            problems.append(f"two files named {s} in {folder}: {out[s].name} and {name}")
+            problems.append(f"{folder / name}: two files named {s} in {folder} (the other: {out[s].name})")
         out.setdefault(s, path)
     return out
 
@@ -142,7 +143,7 @@ def _read_mask(path: Path, size: tuple[int, int] | None, image: Path, problems: 
     if im is None:
         return None
     if size is not None and im.size != size:
-        problems.append(f"mask {path} is {im.size[0]}x{im.size[1]} but its image {image} is {size[0]}x{size[1]}")
+        problems.append(f"{path}: mask is {im.size[0]}x{im.size[1]} but its image {image} is {size[0]}x{size[1]}")
         return None
     return binarize(im, path)
 
@@ -175,19 +176,19 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
     folders = _folders(root)
     for role, name in FOLDERS.items():
         if role not in folders:
-            problems.append(f"missing folder {root / name}")
+            problems.append(f"{root / name}: missing folder")
     files = {role: _by_stem(folder, problems) for role, folder in folders.items()}
     images, bones, lesions = files.get("image", {}), files.get("bone"), files.get("lesion")
     for role, masks in (("bone", bones), ("lesion", lesions)):
         for s in sorted(set(masks or ()) - set(images)):
-            problems.append(f"{FOLDERS[role]} without an image: {masks[s]} (expected {folders['image'] / s}.*)")
+            problems.append(f"{masks[s]}: {FOLDERS[role]} without an image (expected {folders['image'] / s}.*)")
     if not images and "image" in folders:
-        problems.append(f"empty split: no images in {folders['image']}")
+        problems.append(f"{folders['image']}: empty split: no images")
     items = []
     for s, path in images.items():
         patient = patient_of(s, regex)
         if patient is None:
-            problems.append(f"no patient id in the name of {path} (pattern {patient_regex!r}; see --patient-regex)")
+            problems.append(f"{path}: no patient id in the file name (pattern {patient_regex!r}; see --patient-regex)")
         im = read_image(path, problems)
         size = im.size if im is not None else None
         masks = {}
@@ -195,7 +196,7 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
             if found is None:
                 continue
             if s not in found:
-                problems.append(f"missing {FOLDERS[role]} for image {path} (expected {folders[role] / s}.*)")
+                problems.append(f"{path}: missing {FOLDERS[role]} (expected {folders[role] / s}.*)")
                 continue
             masks[role] = _read_mask(found[s], size, path, problems)
         if patient is None or size is None or len(masks) < 2 or any(m is None for m in masks.values()):
@@ -205,7 +206,7 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
         items.append({"image": str(path), "label": str(lesions[s]), "text": text, "id": s, "patient": patient})
     n_patients = len({it["patient"] for it in items})
     if items and n_patients < MIN_PATIENTS and not problems:
-        problems.append(f"{root} has {n_patients} patient(s) {sorted({it['patient'] for it in items})}: at least "
+        problems.append(f"{root}: {n_patients} patient(s) {sorted({it['patient'] for it in items})}: at least "
                         f"{MIN_PATIENTS} are needed for patient-level training, validation and test sets")
         items = []
     test, rest = holdout(items, test_fraction, seed, "test", group_key="patient")
@@ -253,7 +254,7 @@ def convert_bmseg(
                 mask = binarize(im, source)
             it["label"] = str(save_png(np.where(mask, 255, 0).astype(np.uint8),
                                        Path(out).resolve() / "labels" / f"{it['id']}.png"))
-    return write_outputs(datalist, out, seed, fractions, few_shot, group_key="patient")
+    return write_outputs(datalist, out, seed, fractions, few_shot, group_key="patient", roots=[root])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -264,8 +265,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--patient-regex", default=PATIENT_REGEX, help="patient id: group 'patient' or group 1")
     p.add_argument("--no-bone-relative", action="store_true", help="describe lesions relative to the image")
     a = p.parse_args(argv)
-    path = convert_bmseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
-                         a.val_fraction, a.patient_regex, not a.no_bone_relative)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_bmseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
+                             a.val_fraction, a.patient_regex, not a.no_bone_relative)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

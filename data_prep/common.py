@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from amvlm_monai.data.datalist import write_datalist
+from amvlm_monai.data.datalist import ROOTS_KEY, write_datalist
 from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.splits import partition, write_splits
 
@@ -37,8 +37,10 @@ __all__ = [
     "read_image",
     "check_pair",
     "read_sheet",
+    "check_binary_mask",
     "LvitNames",
     "LVIT_SPLITS",
+    "lvit_sheet",
     "collect_lvit",
     "stem",
     "check_sections",
@@ -67,8 +69,8 @@ def folder_key(name: str) -> str:
     return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words)
 
 
-def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name: str, expected: str
-                ) -> tuple[str, Path]:
+def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name: str, expected: str,
+                prefer: Sequence[str] = ()) -> tuple[str, Path]:
     """Which layout ``src`` holds, in itself or in exactly one sub-folder.
 
     Args:
@@ -76,6 +78,9 @@ def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name
         kind: ``kind(folder)`` names the layout ``folder`` holds, or None.
         name: the data set's name, for messages.
         expected: what was looked for, for the message when nothing is found.
+        prefer: words of the data set's folder names (e.g. ``("qata", "covid")``): when several sub-folders hold a
+            layout (LViT's ``datasets/`` holds ``Covid19/`` and ``MoNuSeg/`` with the same tree), the one whose
+            name contains one of them is taken.
 
     Returns:
         (layout name, the layout's root folder).
@@ -85,7 +90,7 @@ def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name
     """
     src = Path(src)
     if not src.is_dir():
-        raise DataError(f"source folder {src} does not exist or is not a folder.")
+        raise DataError(f"{src}: source folder does not exist or is not a folder.")
     found = kind(src)
     if found:
         return found, src
@@ -93,6 +98,10 @@ def find_layout(src: str | os.PathLike, kind: Callable[[Path], str | None], name
     children = [(k, c) for k, c in children if k]
     if len(children) == 1:
         return children[0]
+    if len(children) > 1 and prefer:
+        named = [(k, c) for k, c in children if any(w in c.name.lower() for w in prefer)]
+        if len(named) == 1:
+            return named[0]
     if len(children) > 1:
         raise DataError(f"{src} holds several {name} layouts: {[str(c) for _, c in children]}; pass one of them.")
     raise DataError(
@@ -116,13 +125,12 @@ def check_out(out: str | os.PathLike, *sources: str | os.PathLike, written: Sequ
     for src in sources:
         src_abs = Path(src).resolve()
         if out_abs == src_abs or src_abs in out_abs.parents:
-            raise DataError(
-                f"output folder {out} lies inside the source folder {src}; the source is never written to."
-            )
+            raise DataError(f"{out}: output folder lies inside the source folder {src}; the source is never "
+                            "written to.")
         for sub in written:
             target = out_abs / sub
             if src_abs == target or target in src_abs.parents:
-                raise DataError(f"the source folder {src} lies inside {target}, which the converter writes to.")
+                raise DataError(f"{src}: the source folder lies inside {target}, which the converter writes to.")
 
 
 def check_fractions(**fractions: float | Sequence[float]) -> None:
@@ -136,7 +144,7 @@ def check_fractions(**fractions: float | Sequence[float]) -> None:
 def require_folder(path: Path, problems: list[str]) -> bool:
     """True when ``path`` is a folder; otherwise a "missing folder" problem is appended."""
     if not path.is_dir():
-        problems.append(f"missing folder {path}")
+        problems.append(f"{path}: missing folder")
         return False
     return True
 
@@ -152,7 +160,7 @@ def list_files(folder: Path, problems: list[str], exts: Sequence[str] = (".png",
         if _ignored(p) or p.is_dir():
             continue
         if not p.name.lower().endswith(tuple(e.lower() for e in exts)):
-            problems.append(f"unexpected file {p}: only {what} are accepted")
+            problems.append(f"{p}: unexpected file: only {what} are accepted here")
             continue
         files[p.name] = p
     return files
@@ -178,7 +186,7 @@ def read_image(path: Path, problems: list[str]) -> Image.Image | None:
             im.load()
         return im
     except Exception as e:  # PIL raises many types for broken files
-        problems.append(f"unreadable or corrupt {file_kind(path)} {path}: {e}")
+        problems.append(f"{path}: unreadable or corrupt {file_kind(path)} ({e})")
         return None
 
 
@@ -189,9 +197,26 @@ def check_pair(image: Path, mask: Path, problems: list[str]) -> Image.Image | No
     if im is None or m is None:
         return None
     if im.size != m.size:
-        problems.append(f"mask {mask} is {m.size[0]}x{m.size[1]} but its image {image} is {im.size[0]}x{im.size[1]}")
+        problems.append(f"{mask}: mask is {m.size[0]}x{m.size[1]} but its image {image} is {im.size[0]}x{im.size[1]}")
         return None
-    return m
+    return m if check_binary_mask(m, mask, problems) else None
+
+
+#: the values a binary mask may hold: {0, 1} or {0, 255} (a mask may hold only one of them)
+BINARY_VALUES = ((0, 1), (0, 255))
+
+
+def check_binary_mask(mask: Image.Image, path: Path, problems: list[str]) -> bool:
+    """True when the decoded ``mask`` holds only 0/1 or only 0/255 (in every channel); otherwise a problem naming
+    ``path`` and the values found is appended (a mask with 0/1/7/128 would otherwise count 7 and 128 as lesion)."""
+    arr = np.asarray(mask.convert("L") if mask.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr") else mask)
+    values = np.unique(arr)
+    if any(set(values.tolist()) <= set(ok) for ok in BINARY_VALUES):
+        return True
+    shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
+    problems.append(f"{path}: mask values {{{shown}}} are not binary: expected 0/1 or 0/255 (binarise it, e.g. "
+                    "mask > 0, and save it losslessly as PNG)")
+    return False
 
 
 def read_sheet(path: Path, problems: list[str], required: Sequence[str] = ("Image", "Description")
@@ -232,13 +257,39 @@ LVIT_SPLITS = (
 )
 
 
+def _file_named(folder: Path, name: str) -> Path | None:
+    """The file of ``folder`` named ``name``, compared case-insensitively (archives unpacked on another system)."""
+    if not folder.is_dir():
+        return None
+    exact = folder / name
+    if exact.is_file():
+        return exact
+    return next((p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower() == name.lower()), None)
+
+
+def lvit_sheet(root: Path, folder: str, sheet: str, problems: list[str]) -> Path | None:
+    """A split's spreadsheet: inside its split folder (``Train_Folder/Train_text.xlsx``, LViT's README and release)
+    or beside the split folders (``Train_text.xlsx``, an older placement); None after a problem when there is none,
+    or when both exist and differ."""
+    inside, beside = _file_named(root / folder, sheet), _file_named(root, sheet)
+    if inside is not None and beside is not None and inside.read_bytes() != beside.read_bytes():
+        problems.append(f"{inside}: a second, different {sheet} is at {beside}; keep one of them")
+        return None
+    if inside is None and beside is None:
+        problems.append(f"{root / folder / sheet}: missing spreadsheet (also looked for {root / sheet})")
+        return None
+    return inside or beside
+
+
 def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str, list[dict]]:
     """Check a data set in LViT's layout and build its datalist (absolute paths); reads only.
 
-    Layout: ``root/{Train_Folder,Val_Folder,Test_Folder}/{img,labelcol}`` and ``root/{Train,Val,Test}_text.xlsx``
-    with columns ``Image`` and ``Description``. Problems (each naming its file) are appended to ``problems``: missing
-    folders or spreadsheets, a row without an image, a mask or a description, an image or mask not listed, an image
-    listed twice, unreadable images, a mask whose size differs from its image's, an empty spreadsheet.
+    Layout: ``root/{Train_Folder,Val_Folder,Test_Folder}/{img,labelcol}`` and each split's spreadsheet
+    ``{Train,Val,Test}_text.xlsx`` with columns ``Image`` and ``Description``, inside its split folder (as LViT
+    distributes it) or in ``root`` (`lvit_sheet`). Problems (each naming its file) are appended to ``problems``:
+    missing folders or spreadsheets, a row without an image, a mask or a description, an image or mask not listed, an
+    image listed twice, unreadable images, a mask whose size differs from its image's, mask values other than 0/1 or
+    0/255, an empty spreadsheet.
 
     Returns:
         ``{section: [{"image", "label", "text", "id"}]}``, ``id`` = the image file name without its extension.
@@ -247,18 +298,16 @@ def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str,
     for section, folder, sheet in LVIT_SPLITS:
         items: list[dict] = []
         datalist[section] = items
-        img_dir, mask_dir, sheet_path = root / folder / "img", root / folder / "labelcol", root / sheet
+        img_dir, mask_dir = root / folder / "img", root / folder / "labelcol"
         ok = require_folder(img_dir, problems) & require_folder(mask_dir, problems)
-        if not sheet_path.is_file():
-            problems.append(f"missing spreadsheet {sheet_path}")
-            ok = False
-        if not ok:
+        sheet_path = lvit_sheet(root, folder, sheet, problems)
+        if not ok or sheet_path is None:
             continue
         images = list_files(img_dir, problems, names.image_exts, names.image_what)
         masks = list_files(mask_dir, problems)
         rows = read_sheet(sheet_path, problems)
         if rows == []:
-            problems.append(f"empty split: spreadsheet {sheet_path} has no rows")
+            problems.append(f"{sheet_path}: empty split: the spreadsheet has no rows")
         listed_images, listed_masks = set(), set()
         for row in rows or []:
             where = f"{sheet_path} row {row['_row']}"
@@ -292,15 +341,15 @@ def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str,
                 continue  # its row's problems are reported above
             image_name = names.image_of(mask_name, images)
             if image_name is None:
-                problems.append(f"mask {path} is not named {names.pattern}")
+                problems.append(f"{path}: mask is not named {names.pattern}")
             elif image_name not in images:
-                problems.append(f"mask without an image: {path} (expected {img_dir / image_name})")
+                problems.append(f"{path}: mask without an image (expected {img_dir / image_name})")
             elif rows is not None:
-                problems.append(f"mask {path} is not listed in {sheet_path}")
+                problems.append(f"{path}: mask is not listed in {sheet_path}")
         if rows is not None:
             for image_name, path in images.items():
                 if image_name not in listed_images:
-                    problems.append(f"image {path} is not listed in {sheet_path}")
+                    problems.append(f"{path}: image is not listed in {sheet_path}")
     return datalist
 
 
@@ -318,12 +367,12 @@ def check_sections(datalist: dict[str, list[dict]], problems: list[str], where: 
     for section, items in datalist.items():
         for it in items:
             if it["id"] in seen:
-                problems.append(f"image id {it['id']!r} is in both {seen[it['id']]} and {section}: {it['image']}")
+                problems.append(f"{it['image']}: image id {it['id']!r} is in both {seen[it['id']]} and {section}")
             seen.setdefault(it["id"], section)
     if not problems:
         for section in SECTIONS:
             if not datalist.get(section):
-                problems.append(f"empty split: {section} of {where}")
+                problems.append(f"{where}: empty split: no {section} images")
 
 
 def holdout(items: Sequence[dict], fraction: float, seed: int, salt: str, group_key: str | None = None
@@ -346,9 +395,16 @@ def save_png(array: np.ndarray, path: Path) -> Path:
 
 
 def write_outputs(datalist: dict, out: str | os.PathLike, seed: int, fractions: Iterable[float],
-                  few_shot: Iterable[float], group_key: str | None = None) -> Path:
-    """Write ``out/datalist.json`` (sections in `SECTIONS` order) and the split files; returns the datalist path."""
+                  few_shot: Iterable[float], group_key: str | None = None,
+                  roots: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``out/datalist.json`` (sections in `SECTIONS` order) and the split files; returns the datalist path.
+
+    ``roots``: source folders the items' files stay in (recorded as ``"data_roots"``, so that
+    `amvlm_monai.data.datalist.load_datalist` accepts paths into them).
+    """
     datalist = {s: datalist[s] for s in SECTIONS}
+    if roots:
+        datalist[ROOTS_KEY] = [str(Path(r).resolve()) for r in roots]
     path = write_datalist(datalist, Path(out) / "datalist.json")
     write_splits(datalist, out, seed=seed, fractions=tuple(fractions), few_shot=tuple(few_shot), group_key=group_key)
     return path

@@ -16,9 +16,15 @@ Accepted layouts of ``--src`` (the folder itself, or a folder holding exactly on
 
 - LViT::
 
-      MoNuSeg/{Train_Folder,Val_Folder,Test_Folder}/img/<name>.png (or .tif)
-      MoNuSeg/{Train_Folder,Val_Folder,Test_Folder}/labelcol/<name>.png    binary mask, same stem as its image
-      MoNuSeg/{Train_text,Val_text,Test_text}.xlsx    columns Image (the IMAGE file name, or its stem), Description
+      MoNuSeg/Train_Folder/{img/<name>.png (or .tif), labelcol/<name>.png, Train_text.xlsx}
+      MoNuSeg/Val_Folder/{img, labelcol, Val_text.xlsx}
+      MoNuSeg/Test_Folder/{img, labelcol, Test_text.xlsx}
+          labelcol: binary mask (0/1 or 0/255), same stem as its image;
+          sheets: columns Image (the IMAGE file name, or its stem), Description
+
+  Each split's sheet lies inside its split folder, as LViT's README and release have it; a sheet beside the split
+  folders (``MoNuSeg/Train_text.xlsx``) is accepted too. LViT's ``datasets/`` folder (``Covid19/`` and ``MoNuSeg/``
+  side by side) may be given as ``--src``: the sub-folder named like MoNuSeg is taken.
 
   Nothing but the datalist and split files is written; items point at the source files.
 
@@ -62,6 +68,7 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe_nuclei import describe_nuclei
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 
 from .common import (
@@ -202,11 +209,11 @@ def read_regions(xml: Path, shape: tuple[int, int] | None, problems: list[str], 
     try:
         root = ET.parse(xml).getroot()
     except (ET.ParseError, OSError) as e:
-        problems.append(f"unreadable or corrupt XML {xml}: {e}")
+        problems.append(f"{xml}: unreadable or corrupt XML ({e})")
         return None
     regions = list(root.iter("Region"))
     if not regions:
-        problems.append(f"XML {xml} has no <Region> (expected Annotations/Annotation/Regions/Region, one per nucleus)")
+        problems.append(f"{xml}: XML has no <Region> (expected Annotations/Annotation/Regions/Region, one per nucleus)")
         return None
     polygons, bad = [], []
     outside: list[str] = []
@@ -232,9 +239,9 @@ def read_regions(xml: Path, shape: tuple[int, int] | None, problems: list[str], 
             pts = np.stack([np.clip(pts[:, 0], 0, w), np.clip(pts[:, 1], 0, h)], axis=1)
         polygons.append(pts)
     for b in bad:
-        problems.append(f"XML {xml}: {b}")
+        problems.append(f"{xml}: {b}")
     if n_outside:
-        problems.append(f"XML {xml}: {n_outside} vertices outside the {shape[1]}x{shape[0]} image of {xml.stem} "
+        problems.append(f"{xml}: {n_outside} vertices outside the {shape[1]}x{shape[0]} image of {xml.stem} "
                         f"(more than {margin:g} px), e.g. {', '.join(outside)}")
     return None if bad or n_outside else polygons
 
@@ -259,7 +266,7 @@ def detect_layout(src: str | os.PathLike) -> tuple[str, Path]:
     """
     expected = (f"a training folder with {list(TRAIN_FOLDERS)} and a folder named *Test* (original) or folders "
                 f"{[f for _, f, _ in LVIT_SPLITS]} (LViT)")
-    return find_layout(src, _kind, "MoNuSeg", expected)
+    return find_layout(src, _kind, "MoNuSeg", expected, prefer=("monuseg",))
 
 
 def _tif_size(path: Path, problems: list[str]) -> tuple[int, int] | None:
@@ -267,7 +274,7 @@ def _tif_size(path: Path, problems: list[str]) -> tuple[int, int] | None:
     if im is None:
         return None
     if im.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "LA"):
-        problems.append(f"TIF {path} has pixel mode {im.mode}: expected an 8-bit RGB H&E image")
+        problems.append(f"{path}: TIF has pixel mode {im.mode}: expected an 8-bit RGB H&E image")
         return None
     return im.size[1], im.size[0]
 
@@ -282,11 +289,11 @@ def _pairs(tif_dir: Path, xml_dir: Path, problems: list[str]) -> list[tuple[str,
         tifs = {stem(n): p for n, p in list_files(tif_dir, problems, _TIF, "TIF images").items()}
         xmls = {stem(n): p for n, p in list_files(xml_dir, problems, (".xml",), "XML annotations").items()}
     for s in sorted(set(xmls) - set(tifs)):
-        problems.append(f"annotation without an image: {xmls[s]} (expected {tif_dir / (s + '.tif')})")
+        problems.append(f"{xmls[s]}: annotation without an image (expected {tif_dir / (s + '.tif')})")
     for s in sorted(set(tifs) - set(xmls)):
-        problems.append(f"image without an annotation: {tifs[s]} (expected {xml_dir / (s + '.xml')})")
+        problems.append(f"{tifs[s]}: image without an annotation (expected {xml_dir / (s + '.xml')})")
     if not tifs and not xmls:
-        problems.append(f"empty split: no TIF images in {tif_dir}")
+        problems.append(f"{tif_dir}: empty split: no TIF images")
     return [(s, tifs[s], xmls[s]) for s in sorted(set(tifs) & set(xmls))]
 
 
@@ -296,9 +303,9 @@ def _collect_original(root: Path, seed: int, val_fraction: float, margin: float,
     train = [c for c in dirs if _is_train(c)]
     test = [c for c in dirs if "test" in c.name.lower() and c not in train]
     if len(train) > 1:
-        problems.append(f"{root} holds several training folders with {list(TRAIN_FOLDERS)}: {[str(c) for c in train]}")
+        problems.append(f"{root}: several training folders with {list(TRAIN_FOLDERS)}: {[str(c) for c in train]}")
     if len(test) != 1:
-        problems.append(f"{root} must hold one test folder (a name containing 'Test', TIF and XML side by side); "
+        problems.append(f"{root}: must hold one test folder (a name containing 'Test', TIF and XML side by side); "
                         f"found {[str(c) for c in test] or 'none'}")
     slides: dict[str, list[Slide]] = {"training": [], "test": []}
     folders = [("training", train[0] / TRAIN_FOLDERS[0], train[0] / TRAIN_FOLDERS[1])] if len(train) == 1 else []
@@ -313,7 +320,7 @@ def _collect_original(root: Path, seed: int, val_fraction: float, margin: float,
                 slides[section].append(Slide(s, tif, xml, shape, polygons))
     train_items = slides["training"]
     if len(train_items) == 1:
-        problems.append(f"{train[0]} has a single image: cannot carve a validation set from it")
+        problems.append(f"{train[0]}: a single image: cannot carve a validation set from it")
     held, _ = holdout([{"id": sl.id} for sl in train_items], val_fraction, seed, salt="validation")
     val_ids = {it["id"] for it in held}
     slides["validation"] = [sl for sl in train_items if sl.id in val_ids]
@@ -398,7 +405,7 @@ def convert_monuseg(
     layout, plan = collect(root, seed, val_fraction, margin)
     if layout == "original":
         plan = {section: [convert_slide(s, out) for s in slides] for section, slides in plan.items()}
-    return write_outputs(plan, out, seed, fractions, few_shot)
+    return write_outputs(plan, out, seed, fractions, few_shot, roots=[root] if layout == "lvit" else [])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -407,7 +414,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="validation share (original layout)")
     p.add_argument("--margin", type=float, default=MARGIN, help="vertices up to this many px outside are clipped")
     a = p.parse_args(argv)
-    path = convert_monuseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.val_fraction, a.margin)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_monuseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.val_fraction, a.margin)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

@@ -30,8 +30,8 @@ Outputs in ``--out`` (never inside ``--src``): ``images/Case<N>_s<iii>.nii.gz`` 
 Everything is checked before anything is written; all problems are raised together in one
 `amvlm_monai.data.errors.DataError` naming each file: a case without a mask or a mask without a case, an unreadable,
 corrupt or truncated NIfTI, a volume that is not 3D, a mask whose shape or affine differs from its image's, label
-values that are not integers in 0..19, a mask without any label (unless ``--keep-empty``), an unexpected file name,
-fewer than three cases, an empty split.
+values that are not integers in 0..19, NaN or infinite voxels in an image, a mask without any label (unless
+``--keep-empty``), an unexpected file name, fewer than three cases, an empty split.
 
 CLI::
 
@@ -50,6 +50,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.spine import NUM_SPINE_CLASSES, describe_spine
 
@@ -145,12 +146,12 @@ def _read(path: Path, problems: list[str], mask: bool) -> tuple[np.ndarray, np.n
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj) if mask else img.get_fdata(dtype=np.float32)
     except Exception as e:  # nibabel, gzip and zlib raise many types for broken files
-        problems.append(f"unreadable, corrupt or truncated NIfTI {path}: {type(e).__name__}: {e}")
+        problems.append(f"{path}: unreadable, corrupt or truncated NIfTI ({type(e).__name__}: {e})")
         return None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        problems.append(f"NIfTI {path} has shape {data.shape}: a 3D volume is expected")
+        problems.append(f"{path}: NIfTI of shape {data.shape}: a 3D volume is expected")
         return None
     return data, np.asarray(img.affine, np.float64)
 
@@ -169,17 +170,23 @@ def _check_case(cid: str, image: Path, mask: Path, axis: int | None, keep_empty:
         return None
     (data, affine), (labels, m_affine) = img, msk
     bad = False
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        problems.append(f"{image}: {n_nan} NaN and {n_inf} infinite voxels of {data.size}; a network cannot learn from "
+                        "them (repair or replace the volume)")
+        bad = True
     if labels.shape != data.shape:
-        problems.append(f"mask {mask} has shape {labels.shape} but its image {image} has {data.shape}")
+        problems.append(f"{mask}: mask of shape {labels.shape} but its image {image} has {data.shape}")
         bad = True
     elif not np.allclose(m_affine, affine, rtol=0, atol=_ATOL):
-        problems.append(f"mask {mask} has another affine than its image {image}:\n{m_affine.round(4)}\nvs\n"
+        problems.append(f"{mask}: mask has another affine than its image {image}:\n{m_affine.round(4)}\nvs\n"
                         f"{affine.round(4)}")
         bad = True
     values = np.unique(labels)
     wrong = values[~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= NUM_SPINE_CLASSES)]
     if wrong.size:
-        problems.append(f"mask {mask} has label values {wrong[:5].tolist()}{' ...' if wrong.size > 5 else ''}; "
+        problems.append(f"{mask}: mask has label values {wrong[:5].tolist()}{' ...' if wrong.size > 5 else ''}; "
                         f"expected integers 0..{NUM_SPINE_CLASSES - 1}")
         bad = True
     if bad:
@@ -191,7 +198,7 @@ def _check_case(cid: str, image: Path, mask: Path, axis: int | None, keep_empty:
     else:
         slices = np.nonzero(np.moveaxis(labels, s, 0).reshape(labels.shape[s], -1).any(axis=1))[0].tolist()
         if not slices:
-            problems.append(f"mask {mask} has no labelled voxel (pass --keep-empty to keep its slices)")
+            problems.append(f"{mask}: mask has no labelled voxel (pass --keep-empty to keep its slices)")
             return None
     return Case(cid, image, mask, s, slices)
 
@@ -223,22 +230,23 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
         folder = _child(train, name)
         found[role] = {}
         if folder is None:
-            problems.append(f"missing folder {train / name}")
+            problems.append(f"{train / name}: missing folder")
             continue
         for fname, path in list_files(folder, problems, (".nii.gz", ".nii"), "NIfTI volumes").items():
             m = pattern.match(fname)
             if m is None:
                 expected = "Case<N>.nii.gz" if role == "image" else "mask_case<N>.nii.gz"
-                problems.append(f"unexpected file name {path}: expected {expected}")
+                problems.append(f"{path}: unexpected file name: expected {expected}")
             elif int(m.group(1)) in found[role]:
-                problems.append(f"two files for case {int(m.group(1))}: {found[role][int(m.group(1))]} and {path}")
+                first = found[role][int(m.group(1))]
+                problems.append(f"{path}: a second file for case {int(m.group(1))} (the first: {first})")
             else:
                 found[role][int(m.group(1))] = path
     images, masks = found["image"], found["mask"]
     for n in sorted(set(masks) - set(images)):
-        problems.append(f"mask without a case: {masks[n]} (expected {train / 'MR' / f'Case{n}.nii.gz'})")
+        problems.append(f"{masks[n]}: mask without a case (expected {train / 'MR' / f'Case{n}.nii.gz'})")
     for n in sorted(set(images) - set(masks)):
-        problems.append(f"case without a mask: {images[n]} (expected {train / 'Mask' / f'mask_case{n}.nii.gz'})")
+        problems.append(f"{images[n]}: case without a mask (expected {train / 'Mask' / f'mask_case{n}.nii.gz'})")
     cases = []
     for n in sorted(set(images) & set(masks)):
         cid = images[n].name.split(".")[0]
@@ -246,9 +254,9 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
         if case is not None:
             cases.append(case)
     if not images and not problems:
-        problems.append(f"empty split: no Case<N>.nii.gz in {train / 'MR'}")
+        problems.append(f"{train / 'MR'}: empty split: no Case<N>.nii.gz")
     if cases and len(cases) < MIN_CASES and not problems:
-        problems.append(f"{train} has {len(cases)} usable case(s): at least {MIN_CASES} are needed for case-level "
+        problems.append(f"{train}: {len(cases)} usable case(s): at least {MIN_CASES} are needed for case-level "
                         "training, validation and test sets")
         cases = []
     by_id = {c.id: c for c in cases}
@@ -335,8 +343,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None,
                    help="slice along this stored voxel axis (default: the affine's left-right axis)")
     a = p.parse_args(argv)
-    path = convert_mrspineseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
-                              a.val_fraction, a.keep_empty, a.axis)
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_mrspineseg(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot), a.test_fraction,
+                                  a.val_fraction, a.keep_empty, a.axis)
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

@@ -4,11 +4,14 @@ Accepted layouts of ``--src`` (the folder itself, or a folder holding exactly on
 
 - LViT (with LViT's reports)::
 
-      QaTa-COV19/{Train_Folder,Val_Folder,Test_Folder}/img/<name>.png
-      QaTa-COV19/{Train_Folder,Val_Folder,Test_Folder}/labelcol/mask_<name>.png
-      QaTa-COV19/{Train_text,Val_text,Test_text}.xlsx    columns Image (the mask file name), Description
+      QaTa-COV19/Train_Folder/{img/<name>.png, labelcol/mask_<name>.png, Train_text.xlsx}
+      QaTa-COV19/Val_Folder/{img, labelcol, Val_text.xlsx}
+      QaTa-COV19/Test_Folder/{img, labelcol, Test_text.xlsx}    sheets: columns Image (the mask file name), Description
 
-  A row's ``Image`` may also be the image name; the mask is then ``mask_<Image>``.
+  Each split's sheet lies inside its split folder, as LViT's README and release have it; a sheet beside the split
+  folders (``QaTa-COV19/Train_text.xlsx``) is accepted too. A row's ``Image`` may also be the image name; the mask is
+  then ``mask_<Image>``. LViT's ``datasets/`` folder, holding ``Covid19/`` and ``MoNuSeg/`` side by side, may be
+  given as ``--src``: the sub-folder named like QaTa or Covid is taken.
 
 - Kaggle original (no reports, no validation split)::
 
@@ -28,7 +31,8 @@ Outputs in ``--out`` (never inside ``--src``; the source folder is only read):
 
 Every source file is checked before anything is written: readable PNGs (PIL verify + decode), an image for every
 mask and spreadsheet row, a mask for every image, a description for every row, the spreadsheet columns, image and
-mask of the same size, no empty split, no image listed twice. All problems are raised together in one
+mask of the same size, mask values 0/1 or 0/255 only, no empty split, no image listed twice. All problems are raised
+together in one
 `amvlm_monai.data.errors.DataError` naming each file; nothing is written then.
 
 CLI::
@@ -45,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from amvlm_monai.data.describe import describe_mask
+from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.splits import partition
 
@@ -101,7 +106,7 @@ def detect_layout(src: str | os.PathLike) -> tuple[str, Path]:
         DataError: ``src`` is missing or holds neither layout (the message lists what was looked for).
     """
     expected = (f"folders {[f for _, f, _ in LVIT_SPLITS]} (LViT) or {[f for _, f in KAGGLE_SPLITS]} (Kaggle)")
-    return find_layout(src, _kind, "QaTa-COV19", expected)
+    return find_layout(src, _kind, "QaTa-COV19", expected, prefer=("qata", "covid"))
 
 
 def _collect_kaggle(root: Path, seed: int, problems: list[str]) -> dict[str, list[dict]]:
@@ -114,17 +119,17 @@ def _collect_kaggle(root: Path, seed: int, problems: list[str]) -> dict[str, lis
             continue
         images, masks = list_files(img_dir, problems), list_files(mask_dir, problems)
         if not images and not masks:
-            problems.append(f"empty split: no PNG images in {img_dir}")
+            problems.append(f"{img_dir}: empty split: no PNG images")
             continue
         for mask_name, path in masks.items():
             if not mask_name.startswith(_MASK_PREFIX):
-                problems.append(f"mask {path} is not named mask_<image>.png")
+                problems.append(f"{path}: mask is not named mask_<image>.png")
             elif mask_name[len(_MASK_PREFIX):] not in images:
-                problems.append(f"mask without an image: {path} (expected {img_dir / mask_name[len(_MASK_PREFIX):]})")
+                problems.append(f"{path}: mask without an image (expected {img_dir / mask_name[len(_MASK_PREFIX):]})")
         for image_name, path in images.items():
             mask_name = _MASK_PREFIX + image_name
             if mask_name not in masks:
-                problems.append(f"missing mask {mask_dir / mask_name} for image {path}")
+                problems.append(f"{path}: missing mask {mask_dir / mask_name}")
                 continue
             mask = check_pair(path, masks[mask_name], problems)
             if mask is None:
@@ -134,7 +139,7 @@ def _collect_kaggle(root: Path, seed: int, problems: list[str]) -> dict[str, lis
                           "id": Path(image_name).stem})
     train = datalist.get("training", [])
     if len(train) == 1:
-        problems.append(f"{root / 'Train Set'} has a single image: cannot carve a validation set from it")
+        problems.append(f"{root / 'Train Set'}: a single image: cannot carve a validation set from it")
     if len(train) >= 2:
         datalist["validation"], datalist["training"] = partition(train, VAL_FRACTION, seed, salt="validation")
     else:
@@ -191,14 +196,15 @@ def convert_qata(
     _, root = detect_layout(src)
     check_out(out, root)
     datalist = collect(root, seed)
-    return write_outputs(datalist, out, seed, fractions, few_shot)
+    return write_outputs(datalist, out, seed, fractions, few_shot, roots=[root])
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description="QaTa-COV19 (LViT or Kaggle layout) -> MONAI datalist + split files.")
     add_common_args(p, "QaTa-COV19 folder (LViT or Kaggle layout)")
     a = p.parse_args(argv)
-    path = convert_qata(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot))
+    with cli_errors():  # bad data: one `error: <file>: <problem>` line each, exit status 2
+        path = convert_qata(a.src, a.out, a.seed, tuple(a.fractions), tuple(a.few_shot))
     print(f"wrote {path} and split files to {path.parent}")
     return path
 

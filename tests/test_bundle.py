@@ -121,8 +121,10 @@ def test_variants_train(bundle_copy, demo_data, variant, tmp_path):
 
 
 def test_inference_on_an_empty_folder_names_it(bundle_copy, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(Exception) as err:
-        _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0)
+        _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0,
+             image_size=32, in_channels=1, out_channels=1, multiclass=False, unet_size="paper", threshold=0.5)
     chain, e = [], err.value
     while e is not None:
         chain.append(str(e))
@@ -187,7 +189,8 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_cpu_processes(bundle_copy, demo
            "monai.bundle", "run", "training", "--config_file", configs, "--dataset_dir", str(demo_data),
            "--ckpt_dir", str(tmp_path), "--bundle_root", str(bundle_copy)]
     for key, value in TINY_OVERRIDES.items():
-        cmd += [f"--{key}", repr(value)]
+        if value is not None:  # MONAI's command line would drop a None, and the bundles refuse it (bundle_guard)
+            cmd += [f"--{key}", repr(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=bundle_copy, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -54,7 +54,8 @@ def test_the_crafted_file_does_run_code_when_loaded_unsafely(evil):
 def test_every_entry_point_refuses_a_crafted_checkpoint_without_running_it(evil, tmp_path, demo_data, capsys):
     from ignite.engine import Engine
 
-    from amvlm_monai.checkpoint import CheckpointError, SafeCheckpointLoader, load_checkpoint
+    from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
+    from amvlm_monai.model_info import LoadModel
     from amvlm_monai.inference import volume
     from amvlm_monai.networks.amvlm import load_amvlm
     from amvlm_monai.networks.guidance import build_text_guidance
@@ -71,7 +72,7 @@ def test_every_entry_point_refuses_a_crafted_checkpoint_without_running_it(evil,
     with pytest.raises(SystemExit):  # python -m amvlm_monai.inference.volume --model ...
         volume.main(["--model", str(path), "--input", "x.nii.gz", "--output", str(tmp_path / "out")])
     assert refused in capsys.readouterr().err
-    loader = SafeCheckpointLoader(load_path=str(path), load_dict={"model": torch.nn.Linear(2, 2)})
+    loader = LoadModel(load_path=str(path), network=torch.nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match=refused):  # the evaluation and inference bundles' loader
         loader(Engine(lambda e, b: None))
 
@@ -99,7 +100,8 @@ def test_a_crafted_resumable_state_is_refused(tmp_path):
 def test_a_damaged_checkpoint_gives_one_error_naming_it(damage, tiny_amvlm, tmp_path):
     from ignite.engine import Engine
 
-    from amvlm_monai.checkpoint import CheckpointError, SafeCheckpointLoader, load_checkpoint
+    from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
+    from amvlm_monai.model_info import LoadModel
     from amvlm_monai.networks.amvlm import load_amvlm
 
     good = tmp_path / "good.pt"
@@ -111,7 +113,7 @@ def test_a_damaged_checkpoint_gives_one_error_naming_it(damage, tiny_amvlm, tmp_
         with pytest.raises(CheckpointError, match=f"{bad}: not a readable PyTorch checkpoint") as err:
             load(bad)
         assert len(str(err.value).splitlines()) == 1 and err.value.__cause__ is None
-    loader = SafeCheckpointLoader(load_path=str(bad), load_dict={"model": torch.nn.Linear(2, 2)})
+    loader = LoadModel(load_path=str(bad), network=torch.nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match=f"{bad}: not a readable"):
         loader(Engine(lambda e, b: None))
 

@@ -74,7 +74,7 @@ def sheet(path, header, rows):
 LVIT = {"Train": ["a1", "a2", "a3"], "Val": ["b1"], "Test": ["c1", "c2"]}
 
 
-def make_lvit(root):
+def make_lvit(root, beside=False):
     for split, names in LVIT.items():
         for i, name in enumerate(names):
             write_tif(root / f"{split}_Folder" / "img" / f"{name}.png", i)
@@ -83,7 +83,8 @@ def make_lvit(root):
             (root / f"{split}_Folder" / "labelcol").mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask).save(root / f"{split}_Folder" / "labelcol" / f"{name}.png")
         cell = "{}.png" if split != "Test" else "{}"  # the test sheet names images by stem (tolerated)
-        sheet(root / f"{split}_text.xlsx", ["Image", "Description"],
+        where = root if beside else root / f"{split}_Folder"  # LViT's release: inside the split folder
+        sheet(where / f"{split}_text.xlsx", ["Image", "Description"],
               [(cell.format(n), f"Nuclei of {n}.") for n in names])
     return root
 
@@ -144,7 +145,7 @@ def test_original_layout(tmp_path):
     path = main(["--src", str(src), "--out", str(tmp_path / "out"), "--seed", "0"])
     assert listing(src) == before
     raw = json.loads(path.read_text())
-    assert {k: len(v) for k, v in raw.items()} == {"training": 4, "validation": 1, "test": 2}
+    assert {k: len(raw[k]) for k in ('training', 'validation', 'test')} == {"training": 4, "validation": 1, "test": 2}
     assert {it["id"] for it in raw["test"]} == {"TCGA-T0-0000", "TCGA-T1-0000"}
     first = raw["training"][0]
     assert set(first) == {"image", "label", "text", "id"}
@@ -191,12 +192,28 @@ def test_lvit_layout(tmp_path):
     path = convert_monuseg(tmp_path / "data", tmp_path / "out")  # finds the sub-folder
     assert listing(src) == before
     dl = json.loads(path.read_text())
-    assert {k: len(v) for k, v in dl.items()} == {"training": 3, "validation": 1, "test": 2}
+    assert {k: len(dl[k]) for k in ('training', 'validation', 'test')} == {"training": 3, "validation": 1, "test": 2}
     assert dl["training"][0] == {"image": "../data/MoNuSeg/Train_Folder/img/a1.png",
                                  "label": "../data/MoNuSeg/Train_Folder/labelcol/a1.png", "text": "Nuclei of a1.",
                                  "id": "a1"}
     assert [it["text"] for it in load_datalist(path, "test")] == ["Nuclei of c1.", "Nuclei of c2."]
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_lvit_sheets_inside_or_beside_and_the_datasets_folder(tmp_path):
+    """LViT's README tree (datasets/{Covid19,MoNuSeg}, each split's sheet in its folder) and the older top-level
+    sheets give the same datalist; --src datasets takes the MoNuSeg sub-folder."""
+    from test_qata import make_lvit as make_qata_lvit
+
+    make_qata_lvit(tmp_path / "datasets" / "Covid19")
+    make_lvit(tmp_path / "datasets" / "MoNuSeg")
+    assert (tmp_path / "datasets" / "MoNuSeg" / "Test_Folder" / "Test_text.xlsx").is_file()
+    inside = convert_monuseg(tmp_path / "datasets", tmp_path / "out_a")
+    beside = convert_monuseg(make_lvit(tmp_path / "b" / "MoNuSeg", beside=True), tmp_path / "out_b")
+    for key in ("training", "validation", "test"):
+        a, b = load_datalist(inside, key), load_datalist(beside, key)
+        assert all("/MoNuSeg/" in x["image"] for x in a)
+        assert [(x["id"], x["text"]) for x in a] == [(x["id"], x["text"]) for x in b] and a
 
 
 def break_xml_without_regions(src):
@@ -280,7 +297,7 @@ def test_all_problems_at_once_and_lvit_errors(tmp_path):
     assert len(e.value.problems) == 3 and all(t in str(e.value) for t in expected)
 
     lvit = make_lvit(tmp_path / "lvit")
-    sheet(lvit / "Val_text.xlsx", ["Image", "Description"], [("b1.png", " ")])
+    sheet(lvit / "Val_Folder" / "Val_text.xlsx", ["Image", "Description"], [("b1.png", " ")])
     (lvit / "Test_Folder" / "labelcol" / "c2.png").unlink()
     with pytest.raises(DataError) as e:
         convert_monuseg(lvit, tmp_path / "out")

@@ -35,13 +35,18 @@ def sheet(path, header, rows):
     wb.save(path)
 
 
-def make_lvit(root):
+def sheet_of(root, split, beside=False):
+    """Where a split's sheet lies: inside its split folder (LViT's README and release) or beside it."""
+    return root / f"{split}_text.xlsx" if beside else root / f"{split}_Folder" / f"{split}_text.xlsx"
+
+
+def make_lvit(root, beside=False):
     for k, (split, names) in enumerate(LVIT.items()):
         for i, name in enumerate(names):
             png(root / f"{split}_Folder" / "img" / f"{name}.png", seed=10 * k + i)
             png(root / f"{split}_Folder" / "labelcol" / f"mask_{name}.png", seed=10 * k + i, mask=True)
         rows = [(f"mask_{n}.png", f"Report of {n}.", "extra") for n in names]
-        sheet(root / f"{split}_text.xlsx", ["Image", "Description", "Other"], rows)
+        sheet(sheet_of(root, split, beside), ["Image", "Description", "Other"], rows)
     return root
 
 
@@ -64,7 +69,7 @@ def test_lvit_layout(tmp_path):
     path = main(["--src", str(tmp_path), "--out", str(tmp_path / "out"), "--seed", "0"])  # finds the sub-folder
     assert listing(src) == before
     raw = json.loads(path.read_text())
-    assert {k: len(v) for k, v in raw.items()} == {"training": 4, "validation": 2, "test": 1}
+    assert {k: len(raw[k]) for k in ('training', 'validation', 'test')} == {"training": 4, "validation": 2, "test": 1}
     first = raw["training"][0]
     assert first == {
         "image": "../QaTa-COV19/Train_Folder/img/covid_1.png",
@@ -82,13 +87,46 @@ def test_lvit_layout(tmp_path):
     assert load_datalist(tmp_path / "out" / "split_labeled50.json", "validation") == load_datalist(path, "validation")
 
 
+def test_lvit_sheets_beside_the_split_folders_give_the_same_datalist(tmp_path):
+    """The release's placement (sheet inside each split folder) and the top-level one convert alike."""
+    inside = convert_qata(make_lvit(tmp_path / "a" / "QaTa-COV19"), tmp_path / "out_a")
+    beside = convert_qata(make_lvit(tmp_path / "b" / "QaTa-COV19", beside=True), tmp_path / "out_b")
+    assert (tmp_path / "a" / "QaTa-COV19" / "Train_Folder" / "Train_text.xlsx").is_file()
+    assert not (tmp_path / "b" / "QaTa-COV19" / "Train_Folder" / "Train_text.xlsx").exists()
+    for key in ("training", "validation", "test"):
+        a, b = load_datalist(inside, key), load_datalist(beside, key)
+        assert [(x["id"], x["text"]) for x in a] == [(x["id"], x["text"]) for x in b] and a
+
+
+def test_lvit_datasets_folder_holding_both_data_sets(tmp_path):
+    """LViT's README tree: datasets/{Covid19,MoNuSeg}/{Train,Val,Test}_Folder; --src datasets takes Covid19."""
+    from test_monuseg import make_lvit as make_monuseg_lvit
+
+    make_lvit(tmp_path / "datasets" / "Covid19")
+    make_monuseg_lvit(tmp_path / "datasets" / "MoNuSeg")
+    path = convert_qata(tmp_path / "datasets", tmp_path / "out")
+    assert all("/Covid19/" in it["image"] for it in load_datalist(path, "training"))
+
+
+def test_lvit_two_different_sheets_for_one_split(tmp_path):
+    src = make_lvit(tmp_path / "QaTa-COV19")
+    sheet(sheet_of(src, "Val", beside=True), ["Image", "Description"], [("mask_covid_5.png", "Other text.")])
+    with pytest.raises(DataError, match="a second, different Val_text.xlsx"):
+        convert_qata(src, tmp_path / "out")
+    (sheet_of(src, "Val")).unlink()
+    (sheet_of(src, "Val", beside=True)).unlink()
+    with pytest.raises(DataError) as e:
+        convert_qata(src, tmp_path / "out")
+    assert f"{sheet_of(src, 'Val')}: missing spreadsheet (also looked for {sheet_of(src, 'Val', True)})" in str(e.value)
+
+
 def test_kaggle_layout_seeded_validation(tmp_path):
     src = make_kaggle(tmp_path / "QaTa-COV19-v2")
     before = listing(src)
     p0 = convert_qata(src, tmp_path / "o0", seed=0)
     assert listing(src) == before
     dl = json.loads(p0.read_text())
-    assert {k: len(v) for k, v in dl.items()} == {"training": 8, "validation": 2, "test": 2}
+    assert {k: len(dl[k]) for k in ('training', 'validation', 'test')} == {"training": 8, "validation": 2, "test": 2}
     train_ids = {it["id"] for it in dl["training"]}
     assert train_ids.isdisjoint(it["id"] for it in dl["validation"])
     for it in load_datalist(p0, "validation"):
@@ -110,12 +148,12 @@ def break_mask_without_image(src):
 
 
 def break_no_description(src):
-    sheet(src / "Test_text.xlsx", ["Image", "Description"], [("mask_covid_7.png", "  ")])
+    sheet(sheet_of(src, "Test"), ["Image", "Description"], [("mask_covid_7.png", "  ")])
     return ["Test_text.xlsx row 2", "no Description", "mask_covid_7.png"]
 
 
 def break_missing_column(src):
-    sheet(src / "Val_text.xlsx", ["Image", "Text"], [("mask_covid_5.png", "x"), ("mask_covid_6.png", "y")])
+    sheet(sheet_of(src, "Val"), ["Image", "Text"], [("mask_covid_5.png", "x"), ("mask_covid_6.png", "y")])
     return ["Val_text.xlsx", "['Description']", "columns found: ['Image', 'Text']"]
 
 
@@ -123,7 +161,7 @@ def break_empty_split(src):
     for name in LVIT["Val"]:
         (src / "Val_Folder" / "img" / f"{name}.png").unlink()
         (src / "Val_Folder" / "labelcol" / f"mask_{name}.png").unlink()
-    sheet(src / "Val_text.xlsx", ["Image", "Description"], [])
+    sheet(sheet_of(src, "Val"), ["Image", "Description"], [])
     return ["empty split", "Val_text.xlsx"]
 
 

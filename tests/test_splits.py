@@ -101,16 +101,41 @@ def test_write_splits_files(tmp_path):
     raw = json.loads((out / "split_labeled25.json").read_text())
     assert raw["split"]["n_labeled"] == 5 and raw["split"]["kind"] == "semi_supervised"
     assert raw["training"][0]["image"] == "../data/img/0.png"  # relative to the split file's folder
-    train = load_datalist(out / "split_labeled25.json")
+    with pytest.raises(DataError, match="lies outside the data folder"):  # the files are not in splits/
+        load_datalist(out / "split_labeled25.json")
+    train = load_datalist(out / "split_labeled25.json", allow_outside=True)
     assert sum(it["labeled"] for it in train) == 5
     assert all(os.path.isabs(it["image"]) for it in train)
     hidden = [it for it in train if not it["labeled"]]
     assert hidden[0]["label_hidden"] == str(data / "lab" / f"mask_{hidden[0]['id'][4:]}.png")
-    assert load_datalist(out / "split_fewshot1.json", "test") == datalist["test"]
+    assert load_datalist(out / "split_fewshot1.json", "test", allow_outside=True) == datalist["test"]
     # the same from a datalist file, and again: identical bytes
     write_datalist(datalist, tmp_path / "dl" / "datalist.json")
-    again = write_splits(tmp_path / "dl" / "datalist.json", tmp_path / "again", seed=0)
+    again = write_splits(tmp_path / "dl" / "datalist.json", tmp_path / "dl", seed=0)
     assert again["split_labeled50"].read_bytes() == paths["split_labeled50"].read_bytes()
+
+
+def test_split_files_beside_or_away_from_their_datalist(tmp_path):
+    """Files inside the datalist's folder load as they are; split files written elsewhere list that folder under
+    data_roots; a path leaving both (../, absolute) needs allow_outside."""
+    data = tmp_path / "data"
+    items = [{**it, "image": str(data / it["image"]), "label": str(data / it["label"])} for it in make_items(6)]
+    write_datalist({"training": items, "validation": items[:1], "test": items[1:2]}, data / "datalist.json")
+    write_splits(data / "datalist.json", data, fractions=(0.5,), few_shot=())
+    assert "data_roots" not in json.loads((data / "split_labeled50.json").read_text())
+    assert len(load_datalist(data / "split_labeled50.json")) == 6
+    write_splits(data / "datalist.json", tmp_path / "elsewhere", fractions=(0.5,), few_shot=())
+    raw = json.loads((tmp_path / "elsewhere" / "split_labeled50.json").read_text())
+    assert raw["data_roots"] == ["../data"]
+    assert [it["id"] for it in load_datalist(tmp_path / "elsewhere" / "split_labeled50.json")] == \
+        [it["id"] for it in items]
+    raw["test"][0]["image"] = "../../secret.png"
+    (tmp_path / "elsewhere" / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError) as e:
+        load_datalist(tmp_path / "elsewhere" / "bad.json", "test")
+    assert str(tmp_path.parent / "secret.png") in str(e.value) and "allow_outside" in str(e.value)
+    assert load_datalist(tmp_path / "elsewhere" / "bad.json", "test", allow_outside=True)[0]["image"] == \
+        str(tmp_path.parent / "secret.png")
 
 
 def test_load_datalist_errors(tmp_path):

@@ -54,7 +54,12 @@ def test_grayscale_and_binarize():
     rgb = torch.stack([torch.full((2, 2), v) for v in (0.0, 3.0, 6.0)])
     assert torch.allclose(ToGrayscaled("image")({"image": rgb})["image"], torch.full((1, 2, 2), 3.0))
     lab = torch.tensor([[[0.0, 255.0], [0.0, 10.0]]])
-    assert BinarizeLabeld("label")({"label": lab})["label"].tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
+    assert BinarizeLabeld("label", strict=False)({"label": lab})["label"].tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
+    with pytest.raises(ValueError, match=r"mask values \{0, 10, 255\} are not binary"):
+        BinarizeLabeld("label")({"label": lab})
+    for ok in ([[[0.0, 255.0]]], [[[1.0, 0.0]]], [[[0.0, 0.0]]], [[[255.0, 255.0]]]):
+        out = BinarizeLabeld("label")({"label": torch.tensor(ok)})["label"]
+        assert out.tolist() == [[[float(v > 0) for v in ok[0][0]]]]
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .datalist import read_datalist, write_datalist
+from .datalist import ROOTS_KEY, read_datalist, write_datalist
 from .errors import DataError
 
 __all__ = [
@@ -155,8 +155,14 @@ def labeled_items(items: Sequence[dict]) -> list[dict]:
     return [copy.deepcopy(it) for it in items if it.get("labeled", True)]
 
 
-def unlabeled_items(items: Sequence[dict]) -> list[dict]:
-    """Items marked ``"labeled": False`` (copies), guaranteed without ``label`` (the hidden mask stays hidden)."""
+def unlabeled_items(items: Sequence[dict], source: str | os.PathLike | None = None) -> list[dict]:
+    """Items marked ``"labeled": False`` (copies), guaranteed without ``label`` (the hidden mask stays hidden).
+
+    Args:
+        items: training items.
+        source: the split file the items come from; when given, finding no unlabelled item is an error naming it
+            (semi-supervised training needs them; a plain datalist has none).
+    """
     out = []
     for it in items:
         if not it.get("labeled", True):
@@ -164,6 +170,10 @@ def unlabeled_items(items: Sequence[dict]) -> list[dict]:
             if "label" in it:
                 it["label_hidden"] = it.pop("label")
             out.append(it)
+    if source is not None and not out:
+        raise DataError(f"{source}: no unlabelled training items (\"labeled\": false), which semi-supervised "
+                        "training needs; write split files with python -m data_prep.own_data --datalist <this file> "
+                        "--out <folder> (or train on labelled items only: configs/variants/supervised.json).")
     return out
 
 
@@ -203,6 +213,10 @@ def write_splits(
         DataError: the datalist has no or an empty ``training`` section. Nothing is written then.
     """
     data = read_datalist(datalist) if isinstance(datalist, (str, os.PathLike)) else datalist
+    if isinstance(datalist, (str, os.PathLike)) and isinstance(data, dict):  # split files elsewhere: keep its folder
+        folder = os.path.dirname(os.path.abspath(datalist))
+        if os.path.abspath(out_dir) != folder:
+            data[ROOTS_KEY] = list(dict.fromkeys([folder] + list(data.get(ROOTS_KEY) or [])))
     training = data.get("training") if isinstance(data, dict) else None
     if not training:
         where = "" if isinstance(datalist, dict) else f" {datalist}"

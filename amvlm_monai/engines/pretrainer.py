@@ -20,6 +20,8 @@ def batch_names(batch: dict, key: str = "image", limit: int = 4) -> str:
     meta = getattr(img, "meta", None) or batch.get(f"{key}_meta_dict") or {}
     names = meta.get("filename_or_obj") if isinstance(meta, dict) else None
     if names is None:
+        names = batch.get(f"{key}_file")  # the path kept by the loading chain (meta is dropped with augmentation)
+    if names is None:
         names = batch.get("id")
     if isinstance(names, str):
         names = [names]

@@ -5,10 +5,14 @@ Names are imported lazily so that ``python -m amvlm_monai.inference.volume`` run
 
 from __future__ import annotations
 
-__all__ = ["VolumeSegmenter", "ResizedSliceNet", "segment_volume"]
+__all__ = ["VolumeSegmenter", "ResizedSliceNet", "segment_volume", "input_items"]
 
 
 def __getattr__(name: str):
+    if name == "input_items":
+        from amvlm_monai.inference.files import input_items
+
+        return input_items
     if name in __all__:
         from amvlm_monai.inference import volume
 

@@ -18,11 +18,19 @@ trained on raw-intensity slices cut from volumes.
 
 Output: ``<output_dir>/<input stem>_seg.nii.gz``, uint8: {0, 1} (binary, sigmoid > ``threshold``) or class indices
 (``multiclass``, argmax over the channels). Trailing singleton dimensions are dropped (as MONAI's ``SaveImage`` does).
+2D inputs (image files, one DICOM frame, a 2D NIfTI) are segmented as they are, never reoriented, as in 2D training.
 
-CLI::
+Refused with a message naming the file: a 4D NIfTI (several volumes), NaN or infinite voxels, an empty file, a
+``.dcm`` file that is not DICOM, a folder of several series (unless ``series_uid``).
 
-    python -m amvlm_monai.inference.volume --model models/model.pt --input case1.nii.gz dicom_folder/ \\
-        --output preds/ --axis 0 --modality MR --out-channels 20 --multiclass
+CLI: the model and the input are all it needs; the settings the model was trained with are read from
+``model_info.json`` beside it (`amvlm_monai.model_info`, written by every training run), and flags override them::
+
+    python -m amvlm_monai.inference.volume --model models/model.pt --input case1.nii.gz dicom_folder/ --output preds/
+    python -m amvlm_monai.inference.volume --bundle bundles/mrspineseg_spine_mr_segmentation --input case1.nii.gz \\
+        --output preds/ [--axis 0 --axcodes RAS --image-size 64 --slice-minmax ...]
+
+Bad input prints ``error: <file>: <what is wrong>`` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -41,8 +49,13 @@ from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, NormalizeIntensityd, Orientationd
 from torch import nn
 
-from amvlm_monai.checkpoint import load_checkpoint
-from amvlm_monai.transforms.clinical import NIFTI_SUFFIXES, IntensityByModalityd, clinical_load_chain
+from amvlm_monai.transforms.clinical import (
+    NIFTI_SUFFIXES,
+    IntensityByModalityd,
+    check_finite_image,
+    clinical_load_chain,
+    detect_format,
+)
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
 
@@ -127,6 +140,8 @@ class VolumeSegmenter:
         mr_norm: ``"zscore"`` or ``"percentile"`` for MR.
         sw_batch_size: slices per network call.
         slice_minmax: per-slice min-max intensity (as in 2D training) instead of the volume's modality rule.
+        in_channels: the network's input channels: 1 (colour images averaged to grey) or 3 (colour kept; grey
+            inputs repeated, alpha dropped), as the 2D training chain does.
 
     Example:
         >>> seg = VolumeSegmenter(build_segmentation_net(), image_size=224, axis=0, modality="MR")
@@ -138,7 +153,9 @@ class VolumeSegmenter:
                  modality: str = "auto", multiclass: bool = False, threshold: float = 0.5,
                  device: str | torch.device = "cpu", series_uid: str | None = None, axcodes: str | None = None,
                  ct_window: Sequence[float] = (-160.0, 240.0), mr_norm: str = "zscore", sw_batch_size: int = 8,
-                 slice_minmax: bool = False) -> None:
+                 slice_minmax: bool = False, in_channels: int = 1) -> None:
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}.")
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}.")
         if not 0.0 < float(threshold) < 1.0:
@@ -152,17 +169,42 @@ class VolumeSegmenter:
         self.threshold = float(threshold)
         self.axcodes = axcodes
         self.sw_batch_size = sw_batch_size
+        self.in_channels = in_channels
         chain = clinical_load_chain(["image"], modality=modality, ct_window=ct_window, mr_norm=mr_norm,
-                                    series_uid=series_uid)
+                                    series_uid=series_uid, grayscale=in_channels == 1)
         # the loader runs outside Compose so that its ValueError (naming the file) is not wrapped in a RuntimeError
         self.load, chain = chain[0], chain[1:]
         if slice_minmax:  # raw intensities: the network wrapper scales each slice
             chain = [t for t in chain if not isinstance(t, IntensityByModalityd)]
         else:
             chain.append(NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5))  # [0, 1] -> [-1, 1]
+        self.preprocess_2d = Compose(chain)  # 2D inputs are never reoriented (2D training did not either)
         if axcodes:
             chain.append(Orientationd(keys="image", axcodes=axcodes, labels=None))
         self.preprocess = Compose(chain)
+
+    def _checked(self, path: PathLike, image: MetaTensor) -> MetaTensor:
+        """The loaded ``(C, *spatial)`` input, checked and brought to ``in_channels``."""
+        fmt = image.meta.get("source_format")
+        spatial = tuple(image.shape[1:])
+        if fmt == "nifti" and image.shape[0] > 1:
+            raise ValueError(f"{path}: a 4D NIfTI holding {image.shape[0]} volumes of shape {spatial}; volume "
+                             "inference takes one 3D volume (extract one first, e.g. nibabel's img.slicer or "
+                             "fslroi).")
+        if len(spatial) not in (2, 3):
+            raise ValueError(f"{path}: input of shape {spatial}: expected a 2D image or a 3D volume.")
+        check_finite_image(image, path)
+        c = image.shape[0]
+        if self.in_channels == 3 and c != 3:
+            if c == 4:  # RGBA: drop alpha
+                image = image[:3]
+            elif c == 1:
+                image = image.repeat(3, *([1] * len(spatial)))
+            else:
+                raise ValueError(f"{path}: {c} channels, the model takes 3 (colour).")
+        elif self.in_channels == 1 and c != 1:
+            raise ValueError(f"{path}: {c} channels, the model takes 1 (grey).")
+        return image
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """Preprocessed ``(C, *spatial)`` image, 2D or 3D -> ``(K, *spatial)`` logits on the CPU."""
@@ -192,13 +234,17 @@ class VolumeSegmenter:
 
     def predict(self, path: PathLike) -> MetaTensor:
         """Load ``path`` and segment it: ``(1, *spatial)`` uint8 ``MetaTensor`` in the input's geometry."""
-        data = self.preprocess(self.load({"image": str(path)}))
+        data = self.load({"image": str(path)})
+        data["image"] = self._checked(path, data["image"])
+        is_2d = data["image"].ndim == 3
+        preprocess = self.preprocess_2d if is_2d else self.preprocess
+        data = preprocess(data)
         image = data["image"]
         pred = MetaTensor(self.labels(self.logits(image)), meta=dict(image.meta))  # meta holds the affine
-        if self.axcodes:
+        if self.axcodes and not is_2d:
             pred.applied_operations = list(image.applied_operations)
             data["pred"] = pred
-            pred = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=True)(data)["pred"]
+            pred = Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=True)(data)["pred"]
         return pred
 
     def __call__(self, path: PathLike, output_dir: PathLike) -> Path:
@@ -206,9 +252,14 @@ class VolumeSegmenter:
         pred = self.predict(path)
         out = output_path(path, output_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
+        affine = np.asarray(pred.affine, dtype=np.float64)
+        if pred.ndim == 3:  # a 2D input: MONAI's NibabelWriter cannot write it without resampling; nibabel can
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(np.asarray(pred[0].numpy(), np.uint8), affine), str(out))
+            return out
         writer = NibabelWriter(output_dtype=np.uint8)
         writer.set_data_array(pred, channel_dim=0)
-        affine = np.asarray(pred.affine, dtype=np.float64)
         writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
         writer.write(out)
         return out
@@ -229,83 +280,110 @@ def segment_volume(network: nn.Module, path: PathLike, output_dir: PathLike,
     return seg(path, output_dir)
 
 
-def _state_dict(obj) -> dict:
-    """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "network", "net"):
-            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
-                return obj[key]
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ValueError("expected a state dict (parameter name -> tensor).")
+def _settings(info: dict | None) -> dict:
+    if info is None:
+        return {"image_size": [224], "axis": 0, "axcodes": None, "modality": "auto", "multiclass": False,
+                "threshold": 0.5, "slice_minmax": False, "network": {"spatial_dims": 2, "in_channels": 1,
+                                                                      "out_channels": 1}}
+    return {"image_size": list(info["image_size"]), "axis": info["slicing"]["axis"],
+            "axcodes": info["slicing"].get("axcodes"), "modality": info.get("modality", "auto"),
+            "multiclass": info["multiclass"], "threshold": info.get("threshold", 0.5),
+            "slice_minmax": info["intensity"] == "slice_minmax", "network": dict(info["network"])}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m amvlm_monai.inference.volume", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="state dict of build_segmentation_net(...) (torch.save)")
+    p = argparse.ArgumentParser(prog="python -m amvlm_monai.inference.volume", description=__doc__.split("\n")[0],
+                                epilog="Settings not given are read from model_info.json beside the model.")
+    p.add_argument("--model", default=None, help="model.pt of a training run (state dict of build_segmentation_net)")
+    p.add_argument("--bundle", default=None, help="a bundle folder: its models/model.pt (instead of --model)")
     p.add_argument("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, DICOM or image files")
     p.add_argument("--output", required=True, help="output folder for <stem>_seg.nii.gz")
-    p.add_argument("--image-size", type=int, nargs="+", default=[224], help="network input size (H [W]); 0: native")
-    p.add_argument("--axis", type=int, default=0, help="slice axis of the volume (0, 1, 2)")
-    p.add_argument("--modality", default="auto", help="auto or a DICOM modality code (CT, MR, XR, ...)")
-    p.add_argument("--multiclass", action="store_true", help="argmax class indices (needs --out-channels >= 2)")
-    p.add_argument("--threshold", type=float, default=0.5, help="binary threshold on the sigmoid")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, help="network input size (H [W]); 0: native")
+    p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2), help="slice axis of the volume")
+    p.add_argument("--modality", default=None, help="auto or a DICOM modality code (CT, MR, XR, ...)")
+    p.add_argument("--multiclass", default=None, action=argparse.BooleanOptionalAction,
+                   help="argmax class indices (needs --out-channels >= 2)")
+    p.add_argument("--threshold", type=float, default=None, help="binary threshold on the sigmoid")
     p.add_argument("--device", default="cpu")
     p.add_argument("--series-uid", default=None, help="SeriesInstanceUID to read from a folder with several series")
-    p.add_argument("--axcodes", default=None, help="reorient before slicing, e.g. RAS (output keeps input geometry)")
+    p.add_argument("--axcodes", default=None, help="reorient before slicing, e.g. RAS ('none': as stored); the "
+                                                    "output keeps the input's geometry")
     p.add_argument("--ct-window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"))
     p.add_argument("--mr-norm", default="zscore", choices=("zscore", "percentile"))
     p.add_argument("--sw-batch-size", type=int, default=8, help="slices per network call")
-    p.add_argument("--slice-minmax", action="store_true",
+    p.add_argument("--slice-minmax", default=None, action=argparse.BooleanOptionalAction,
                    help="min-max each slice (as the 2D training chain) instead of the modality rule")
     net = p.add_argument_group("network (build_segmentation_net arguments)")
-    net.add_argument("--in-channels", type=int, default=1)
-    net.add_argument("--out-channels", type=int, default=1)
+    net.add_argument("--in-channels", type=int, default=None)
+    net.add_argument("--out-channels", type=int, default=None)
     net.add_argument("--channels", type=int, nargs="+", default=None, help="feature widths, e.g. 16 32 64 128 256")
     net.add_argument("--strides", type=int, nargs="+", default=None, help="e.g. 2 2 2 2")
-    net.add_argument("--num-res-units", type=int, default=0)
-    net.add_argument("--norm", default="batch", choices=("batch", "instance", "none"))
-    net.add_argument("--act", default="prelu", choices=("prelu", "relu", "leakyrelu"))
-    net.add_argument("--size", default=None, choices=("paper",), help="paper: 64 base channels")
+    net.add_argument("--num-res-units", type=int, default=None)
+    net.add_argument("--norm", default=None, choices=("batch", "instance", "none"))
+    net.add_argument("--act", default=None, choices=("prelu", "relu", "leakyrelu"))
+    net.add_argument("--size", default=None, help="the network size preset of the training run (unet_size)")
     return p
 
 
+def _model_path(args, parser) -> Path:
+    if (args.model is None) == (args.bundle is None):
+        parser.error("give --model or --bundle (one of them)")
+    return Path(args.model) if args.model is not None else Path(args.bundle) / "models" / "model.pt"
+
+
+def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmenter:
+    """The `VolumeSegmenter` a command line asks for: model info beside the model, then the flags over it."""
+    from amvlm_monai.model_info import build_network, load_state, read_model_info
+
+    model = _model_path(args, parser)
+    info = read_model_info(model, required=False)
+    cfg = _settings(info)
+    net_kwargs = dict(cfg["network"])
+    for flag, key in (("in_channels", "in_channels"), ("out_channels", "out_channels"), ("channels", "channels"),
+                      ("strides", "strides"), ("num_res_units", "num_res_units"), ("norm", "norm"), ("act", "act"),
+                      ("size", "size")):
+        value = getattr(args, flag)
+        if value is not None:
+            net_kwargs[key] = tuple(value) if isinstance(value, list) else value
+    network = build_network({"network": net_kwargs})
+    state = load_state(model)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        where = f"the settings of {info and 'model_info.json beside it' or 'the flags (no model_info.json beside it)'}"
+        first = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+        raise ValueError(f"{model}: does not fit build_segmentation_net({net_kwargs}) built from {where}: {first} "
+                         "(give the training run's --in-channels/--out-channels/--size)") from None
+    size = args.image_size if args.image_size is not None else cfg["image_size"]
+    image_size = None if list(size) == [0] else size[0] if len(size) == 1 else tuple(size)
+    axcodes = args.axcodes if args.axcodes is not None else cfg["axcodes"]
+    return VolumeSegmenter(
+        network, image_size=image_size, axis=args.axis if args.axis is not None else cfg["axis"],
+        modality=args.modality or cfg["modality"],
+        multiclass=args.multiclass if args.multiclass is not None else cfg["multiclass"],
+        threshold=args.threshold if args.threshold is not None else cfg["threshold"], device=args.device,
+        series_uid=args.series_uid, axcodes=None if str(axcodes).lower() == "none" else axcodes,
+        ct_window=args.ct_window, mr_norm=args.mr_norm, sw_batch_size=args.sw_batch_size,
+        slice_minmax=args.slice_minmax if args.slice_minmax is not None else cfg["slice_minmax"],
+        in_channels=net_kwargs.get("in_channels", 1))
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """CLI entry point; returns the written paths."""
-    from amvlm_monai.networks.segmentation import build_segmentation_net
+    """CLI entry point; returns the written paths. Bad input: ``error: <file>: <what>`` lines, exit status 2."""
+    from amvlm_monai.cli import check_writable, cli_errors
 
     parser = _parser()
     args = parser.parse_args(argv)
-    net_kwargs = dict(spatial_dims=2, in_channels=args.in_channels, out_channels=args.out_channels,
-                      num_res_units=args.num_res_units, norm=args.norm, act=args.act, size=args.size)
-    if args.channels is not None:
-        net_kwargs["channels"] = tuple(args.channels)
-    if args.strides is not None:
-        net_kwargs["strides"] = tuple(args.strides)
-    try:
-        ckpt = load_checkpoint(args.model)  # weights_only: a crafted file cannot run code
-    except (ValueError, OSError) as e:  # missing, unsafe, truncated or corrupt: the message names the file
-        parser.error(str(e))
-    try:
-        network = build_segmentation_net(**net_kwargs)
-        state = _state_dict(ckpt)
-        network.load_state_dict(state)
-    except (ValueError, RuntimeError, OSError) as e:
-        parser.error(f"{args.model}: cannot load into build_segmentation_net({net_kwargs}): {e}")
-    size = args.image_size
-    image_size = None if size == [0] else size[0] if len(size) == 1 else size
-    seg = VolumeSegmenter(network, image_size=image_size, axis=args.axis, modality=args.modality,
-                          multiclass=args.multiclass, threshold=args.threshold, device=args.device,
-                          series_uid=args.series_uid, axcodes=args.axcodes, ct_window=args.ct_window,
-                          mr_norm=args.mr_norm, sw_batch_size=args.sw_batch_size, slice_minmax=args.slice_minmax)
     written = []
-    for path in args.input:
-        try:
+    with cli_errors():
+        for path in args.input:  # every input's type checked before any work (an empty file, a non-DICOM .dcm)
+            detect_format(path)
+        seg = segmenter_from_args(args, parser)
+        check_writable(args.output)
+        for path in args.input:
             out = seg(path, args.output)
-        except (ValueError, FileNotFoundError) as e:  # unreadable or ambiguous input: the message names it
-            parser.error(str(e))
-        print(out)
-        written.append(out)
+            print(out)
+            written.append(out)
     return written
 
 

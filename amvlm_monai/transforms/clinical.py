@@ -23,7 +23,11 @@ Intensity by modality (:class:`IntensityByModality`), always to [0, 1]:
 - any other DICOM modality (``XR``, ``CR``, ``DX``, ``MG``, ``US``, ``OT``, ...) and 2D image files: min-max to [0, 1]
   (what the 2D training chain does).
 - ``"auto"``: the DICOM ``Modality`` tag when the input has one; 2D image files -> min-max; inputs without modality
-  information (NIfTI) -> the ``percentiles`` window with a warning. Pass ``modality="CT"`` or ``"MR"`` for NIfTI.
+  information (NIfTI) -> the ``percentiles`` window, a rule that suits CT and MR alike (said once per process in the
+  log, and recorded in the output's ``meta["intensity"]``). Pass ``modality="CT"`` or ``"MR"`` for NIfTI.
+
+Bad files are refused with one line naming them, before any reader runs: an empty (0-byte) file, a ``.dcm`` file that
+is not DICOM, NaN or infinite voxels (:func:`check_finite_image`).
 
 Example:
     >>> chain = Compose(clinical_load_chain(["image"], modality="auto"))
@@ -33,7 +37,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,8 +65,11 @@ from monai.utils import optional_import
 __all__ = [
     "FORMATS", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES", "DicomSeries", "detect_format", "list_dicom_series",
     "select_dicom_series", "reader_for", "load_clinical", "ClinicalLoadd", "resolve_modality",
-    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain",
+    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain", "check_finite_image", "CheckFinited",
+    "Load2Dd",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "dicom_series", "dicom", "image")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -102,6 +111,8 @@ def detect_format(path: PathLike) -> str:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder.")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"{p}: empty file (0 bytes); nothing to read (an interrupted copy?).")
     if p.is_dir():
         if not any(f.is_file() and _is_dicom_file(f) for f in p.iterdir()):
             raise ValueError(f"{p}: folder holds no DICOM files (a DICOM series folder was expected).")
@@ -112,6 +123,7 @@ def detect_format(path: PathLike) -> str:
     if suffix in IMAGE_SUFFIXES:
         return "image"
     if _is_dicom_file(p):
+        _check_dicom(p)
         return "dicom"
     raise ValueError(f"{p}: unsupported file type {suffix or '(no suffix)'!r}; expected NIfTI {NIFTI_SUFFIXES}, "
                      f"DICOM (a .dcm file or a series folder) or an image {IMAGE_SUFFIXES}.")
@@ -134,6 +146,22 @@ class DicomSeries:
                                       f"not one volume: {self.problem}" if self.problem else "") if x)
         files = f"{len(self.files)} file" + ("s" if len(self.files) != 1 else "")
         return f"{self.uid} ({files}{', ' + extra if extra else ''})"
+
+
+def _check_dicom(path: Path) -> None:
+    """Refuse a file named ``.dcm`` that is not DICOM, in one line (instead of every reader's traceback)."""
+    import pydicom
+
+    if pydicom.misc.is_dicom(str(path)):
+        return
+    try:  # DICOM without the 128-byte preamble (older files) still parses; require the tags of an image
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+        ok = "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
+    except Exception:  # pydicom raises many types on random bytes
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: not a DICOM file (no 'DICM' marker and no DICOM image tags); check that it was "
+                         "exported as DICOM.")
 
 
 def _read_header(path: Path):
@@ -372,6 +400,77 @@ def resolve_modality(img: torch.Tensor | np.ndarray, modality: str = "auto") -> 
     return None
 
 
+_NOTED: set = set()
+
+
+def _note_default_rule(percentiles: tuple) -> None:
+    """Say once per process (log, not a warning per file) which rule inputs without a modality get."""
+    if percentiles not in _NOTED:
+        _NOTED.add(percentiles)
+        logger.info("inputs without modality information (NIfTI) are scaled by their %s percentiles to [0, 1]; pass "
+                    "modality='CT' (HU window) or 'MR' (z-score) to use a modality rule.", percentiles)
+
+
+def check_finite_image(img: torch.Tensor | np.ndarray, name: PathLike | None = None) -> None:
+    """Raise ``ValueError`` naming the file when ``img`` holds NaN or infinite values (a network turns them into a
+    NaN loss or an empty mask without a word)."""
+    t = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        if name is None:
+            name = getattr(img, "meta", {}).get("filename_or_obj", "image")
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ValueError(f"{name}: {n_nan} NaN and {n_inf} infinite values of {t.numel()}; repair or replace the "
+                         "file (a network cannot use them).")
+
+
+_DICOM_TAG = re.compile(r"^[0-9A-Fa-f]{8}$|\|")
+
+
+class Load2Dd(MapTransform):
+    """Load 2D inputs for 2D inference: PNG/TIF/JPEG/BMP, single-frame DICOM files and 2D NIfTI, as ``(C, W, H)``
+    ``MetaTensor`` (C = 1, 3 or 4: RGB(A) is left to ``ToGrayscaled``/``ToColord``).
+
+    A trailing singleton dimension (``(X, Y, 1)``, as one DICOM frame or a one-slice NIfTI) is dropped. Refused with
+    a message naming the file: volumes and multi-frame DICOM (use volume inference), DICOM series folders, NaN or
+    infinite values, and whatever :func:`load_clinical` refuses (an empty file, a ``.dcm`` that is not DICOM).
+    Metadata that cannot be batched (DICOM tag dicts, None values) is dropped.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if Path(path).is_dir():
+                raise ValueError(f"{path}: a folder (a DICOM series?); 2D inference takes image files, volume "
+                                 "inference (python -m amvlm_monai.inference.volume) takes series folders.")
+            img = load_clinical(path, grayscale=False)
+            while img.ndim > 3 and img.shape[-1] == 1:
+                img = img[..., 0]
+            if img.ndim != 3:
+                raise ValueError(f"{path}: a {img.meta.get('source_format')} input of shape {tuple(img.shape[1:])} "
+                                 "is not a 2D image; segment volumes (and multi-frame DICOM) with "
+                                 "python -m amvlm_monai.inference.volume.")
+            check_finite_image(img, path)
+            for k in [k for k, v in img.meta.items() if v is None or (isinstance(k, str) and _DICOM_TAG.search(k))]:
+                img.meta.pop(k)
+            img.meta["spatial_shape"] = np.asarray(img.shape[1:])
+            d[key] = img
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Refuse, naming the file, an image with NaN or infinite values (:func:`check_finite_image`)."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_finite_image(d[key])
+        return d
+
+
 class IntensityByModality(Transform):
     """Intensity to [0, 1] by modality (rules in the module docstring).
 
@@ -424,9 +523,7 @@ class IntensityByModality(Transform):
             rule = f"mr_zscore_nonzero(clip {self.z_clip:g})"
         elif mod is None or (mod == "MR" and self.mr_norm == "percentile"):
             if mod is None:
-                name = getattr(img, "meta", {}).get("filename_or_obj", "input")
-                warnings.warn(f"{name}: no modality information; scaling the {self.percentiles} percentiles to "
-                              "[0, 1]. Pass modality='CT' (HU window) or 'MR' for NIfTI inputs.", stacklevel=2)
+                _note_default_rule(self.percentiles)
             out, rule = self._percentile(img), f"percentiles{self.percentiles}"
         else:  # XR, CR, DX, MG, US, OT, ... and 2D image files
             out, rule = ScaleIntensity(minv=0.0, maxv=1.0)(img), "minmax"

@@ -28,6 +28,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
+from amvlm_monai.transforms.clinical import CheckFinited, Load2Dd
 from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, LabelIndexd, TextViewd, ToColord, ToGrayscaled
 
 __all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms",
@@ -41,6 +42,10 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
 def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label_key: str | None = None,
                      in_channels: int = 1, multiclass: bool = False, num_classes: int | None = None) -> list:
     """Load, ``in_channels`` channels, resize (labels nearest), intensity to [0, 1].
+
+    The image's path is kept under ``image_file`` (for messages: the engines name the files of a batch whose loss is
+    not finite); an image with NaN or infinite values, or a binary mask with values other than 0/1 or 0/255, stops
+    the run with a message naming the file.
 
     Args:
         keys: the keys to load (images and, if any, ``label_key``).
@@ -56,8 +61,10 @@ def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label
     img_keys = [k for k in keys if k != label_key]
     modes = ["bilinear" if k != label_key else "nearest" for k in keys]
     chain = [
+        CopyItemsd(keys=img_keys[:1], names=["image_file"]),
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
+        CheckFinited(keys=img_keys),
         ToGrayscaled(keys=img_keys) if in_channels == 1 else ToColord(keys=img_keys),
     ]
     if label_key is not None:
@@ -127,9 +134,15 @@ def segmentation_transforms(image_size: int | Sequence[int] = 224, labeled: bool
 
 
 def inference_transforms(image_size: int | Sequence[int] = 224, in_channels: int = 1) -> Compose:
-    """Images only; metadata kept so that predictions can be inverted to the input's size and written."""
-    return Compose(load_image_chain(["image"], image_size, in_channels=in_channels)
-                   + [_normalise(["image"]), EnsureTyped(keys="image", track_meta=True)])
+    """Images only; metadata kept so that predictions can be inverted to the input's size and written.
+
+    The training chain's steps after loading; the loader (`Load2Dd`) also reads single-frame DICOM files and refuses
+    volumes, empty files and non-DICOM ``.dcm`` files with a message naming them.
+    """
+    chain = load_image_chain(["image"], image_size, in_channels=in_channels)
+    chain = [Load2Dd(keys="image") if isinstance(t, LoadImaged) else t for t in chain
+             if not isinstance(t, (EnsureChannelFirstd, CheckFinited, CopyItemsd))]
+    return Compose(chain + [_normalise(["image"]), EnsureTyped(keys="image", track_meta=True)])
 
 
 def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: bool = False, threshold: float = 0.5,
@@ -140,12 +153,17 @@ def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: boo
     """
     from monai.transforms import Activationsd, AsDiscreted, Invertd, SaveImaged
 
+    from amvlm_monai.inference.files import SaveNiftid
+
     chain = [
         Activationsd(keys="pred", softmax=multiclass, sigmoid=not multiclass),
         AsDiscreted(keys="pred", argmax=multiclass, threshold=None if multiclass else threshold),
         Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
-        SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask", resample=False,
-                   separate_folder=False, print_log=False, output_dtype="uint8",
-                   scale=None if multiclass else 255),
     ]
+    if output_ext.lower() in (".nii", ".nii.gz"):  # label maps with the input's 4x4 affine (2D slices of volumes)
+        chain.append(SaveNiftid(keys="pred", output_dir=output_dir, output_ext=output_ext))
+    else:
+        chain.append(SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask",
+                                resample=False, separate_folder=False, print_log=False, output_dtype="uint8",
+                                scale=None if multiclass else 255))
     return Compose(chain)

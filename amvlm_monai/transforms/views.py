@@ -168,17 +168,28 @@ class LabelIndexd(MapTransform):
 
 
 class BinarizeLabeld(MapTransform):
-    """Binary masks as {0, 1} float: any value above ``threshold`` is foreground (QaTa masks are 0/255)."""
+    """Binary masks as {0, 1} float: any value above ``threshold`` is foreground (QaTa masks are 0/255).
 
-    def __init__(self, keys: Sequence[Hashable] | Hashable, threshold: float = 0.0,
+    With ``strict`` (default) a mask must hold only 0/1 or only 0/255 (the documented mask values): any other value
+    (a label map, an anti-aliased or JPEG mask) raises an error naming the file instead of silently becoming lesion.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, threshold: float = 0.0, strict: bool = True,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.threshold = threshold
+        self.strict = strict
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             lab = d[key]
+            if self.strict:
+                values = torch.unique(torch.as_tensor(lab)).tolist()
+                if not (set(values) <= {0, 1} or set(values) <= {0, 255}):
+                    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+                    raise ValueError(f"{_name(lab)}: mask values {{{shown}}} are not binary: expected 0/1 or 0/255 "
+                                     "(binarise the mask, e.g. mask > 0, and save it losslessly as PNG).")
             if lab.shape[0] != 1:
                 lab = lab.max(0, keepdim=True)[0] if isinstance(lab, torch.Tensor) else lab.max(0, keepdims=True)
             d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) \

@@ -1,0 +1,248 @@
+"""What inference needs to know about a trained model, saved beside it as ``model_info.json``.
+
+A stage-2 training run writes ``<ckpt_dir>/model_info.json`` when it starts (`SaveModelInfo`, a handler of the
+bundles' ``train.json``), so that ``models/model.pt`` and the file beside it are all that 2D inference
+(``inferring``), evaluation (``evaluating``) and volume inference (`amvlm_monai.inference.volume`) need::
+
+    {"format": "amvlm-monai model info", "version": 1,
+     "network": {"spatial_dims": 2, "in_channels": 1, "out_channels": 20, "size": "light"},   # build_segmentation_net
+     "image_size": [64, 64], "in_channels": 1, "out_channels": 20, "unet_size": "light",
+     "multiclass": true, "class_names": ["S", "L5", ...], "threshold": 0.5,
+     "slicing": {"axis": 0, "axcodes": "RAS"},   # volumes: reorient to axcodes, then 2D slices along axis
+     "intensity": "slice_minmax",                # each (resized) slice min-max scaled to [0, 1], then [-1, 1]
+     "modality": "MR"}
+
+``slicing`` says how volumes are cut into the 2D images the model was trained on (``data_prep.mrspineseg`` writes
+sagittal slices of the closest-canonical RAS+ volume: axis 0 with ``axcodes`` "RAS"); ``intensity`` names what the
+2D training chain did to each image (``load_image_chain``: resize, then min-max per image), which volume inference
+repeats per slice; ``modality`` is the data's modality, for the record and for volume inference's modality rules when
+``intensity`` is not ``slice_minmax``. Command-line flags of each consumer still override every value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from amvlm_monai.data.errors import DataError
+
+__all__ = ["INFO_NAME", "FORMAT", "INTENSITY_RULES", "info_path", "make_model_info", "write_model_info",
+           "read_model_info", "build_network", "load_state", "SaveModelInfo", "LoadModel"]
+
+logger = logging.getLogger(__name__)
+
+INFO_NAME = "model_info.json"
+FORMAT = "amvlm-monai model info"
+INTENSITY_RULES = ("slice_minmax", "modality")
+_VERSION = 1
+
+
+def info_path(model: str | os.PathLike) -> Path:
+    """``model_info.json`` beside a model file (or inside a folder)."""
+    model = Path(model)
+    return model / INFO_NAME if model.is_dir() else model.with_name(INFO_NAME)
+
+
+def _size(image_size) -> list[int]:
+    size = [image_size, image_size] if isinstance(image_size, int) else [int(s) for s in image_size]
+    if len(size) != 2 or not all(s > 0 for s in size):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}.")
+    return size
+
+
+def make_model_info(network: Mapping[str, Any], image_size: int | Sequence[int], multiclass: bool = False,
+                    class_names: Optional[Sequence[str]] = None, threshold: float = 0.5, slice_axis: int = 2,
+                    axcodes: Optional[str] = "RAS", modality: str = "auto", intensity: str = "slice_minmax") -> dict:
+    """The model-info record (see the module docstring); values are checked.
+
+    Args:
+        network: the keyword arguments of `build_segmentation_net` that rebuild the network.
+        image_size: the network's 2D input size.
+        multiclass: softmax/argmax over ``out_channels`` classes (else one sigmoid channel).
+        class_names: foreground class names, if any.
+        threshold: the binary threshold on the sigmoid.
+        slice_axis: the volume axis (after ``axcodes``) the 2D training images are slices along.
+        axcodes: the orientation volumes are brought to before slicing (None: as stored).
+        modality: the data's modality (``"auto"`` when unknown).
+        intensity: ``"slice_minmax"`` (what the 2D training chain does) or ``"modality"``.
+    """
+    network = dict(network)
+    for key in ("in_channels", "out_channels"):
+        if not isinstance(network.get(key), int):
+            raise ValueError(f"network needs an int {key!r}, got {network.get(key)!r}.")
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}.")
+    if intensity not in INTENSITY_RULES:
+        raise ValueError(f"intensity must be one of {INTENSITY_RULES}, got {intensity!r}.")
+    return {
+        "format": FORMAT,
+        "version": _VERSION,
+        "network": network,
+        "image_size": _size(image_size),
+        "in_channels": network["in_channels"],
+        "out_channels": network["out_channels"],
+        "unet_size": network.get("size"),
+        "multiclass": bool(multiclass),
+        "class_names": list(class_names) if class_names is not None else None,
+        "threshold": float(threshold),
+        "slicing": {"axis": int(slice_axis), "axcodes": axcodes or None},
+        "intensity": intensity,
+        "modality": str(modality),
+    }
+
+
+def write_model_info(path: str | os.PathLike, info: Mapping[str, Any]) -> Path:
+    """Write ``info`` as JSON (to a temporary file renamed over ``path``, so a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(info), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_info(model: str | os.PathLike, required: bool = True) -> Optional[dict]:
+    """The model info beside ``model`` (a ``model.pt`` path, or the folder holding it).
+
+    Args:
+        model: the model file (the info is ``model_info.json`` in its folder) or a folder.
+        required: raise when there is none (else return None).
+
+    Raises:
+        DataError: naming the file, when it is missing (with ``required``), unreadable or not a model info.
+    """
+    path = info_path(model)
+    if not path.is_file():
+        if not required:
+            return None
+        raise DataError(f"{path}: no model info beside {model} (a training run of this project writes it when it "
+                        "starts); give the network settings explicitly (--image_size, --in_channels, --out_channels, "
+                        "--unet_size, --multiclass) or copy model_info.json from the training run's model folder.")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable model info ({e}).") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DataError(f"{path}: not a model info file (expected \"format\": {FORMAT!r}).")
+    missing = [k for k in ("network", "image_size", "multiclass", "slicing", "intensity") if k not in info]
+    if missing:
+        raise DataError(f"{path}: model info lacks {missing}.")
+    return info
+
+
+def build_network(info: Mapping[str, Any], **overrides: Any) -> torch.nn.Module:
+    """The (untrained) network a model info describes: ``build_segmentation_net(**info["network"], **overrides)``."""
+    from amvlm_monai.networks.segmentation import build_segmentation_net
+
+    return build_segmentation_net(**{**info["network"], **overrides})
+
+
+def _shapes(net: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+class SaveModelInfo:
+    """Write ``<save_dir>/model_info.json`` after the first training step, before any ``model.pt`` of the run.
+
+    When training starts, the folder is checked for writing (a read-only output folder stops the run before its
+    first step) and the record's ``network`` arguments are checked against the network being trained (same parameter
+    names and shapes; when they differ, ``network_def`` was changed on the command line beyond the listed keys, the
+    run stops with a message, since the file would describe another network). The file itself is written after the
+    first iteration, so a run that is refused at its start (e.g. not to replace an earlier run's outputs) leaves the
+    earlier run's file as it was.
+
+    Args:
+        save_dir: the folder ``model.pt`` is saved in (``ckpt_dir``).
+        network: the trained network (student or teacher: the same architecture).
+        network_args: the `build_segmentation_net` arguments of ``network_def``.
+        image_size, multiclass, class_names, threshold, slice_axis, axcodes, modality: see `make_model_info`.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, network_args: Mapping[str, Any],
+                 image_size: int | Sequence[int], multiclass: bool = False,
+                 class_names: Optional[Sequence[str]] = None, threshold: float = 0.5, slice_axis: int = 2,
+                 axcodes: Optional[str] = "RAS", modality: str = "auto") -> None:
+        self.path = Path(save_dir) / INFO_NAME
+        self.network = network
+        self.info = make_model_info(network_args, image_size, multiclass, class_names, threshold, slice_axis,
+                                    axcodes, modality, intensity="slice_minmax")
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.check)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+
+    def check(self, engine=None) -> None:
+        """The folder can be written and the record describes the network being trained."""
+        from amvlm_monai.cli import check_writable
+
+        check_writable(self.path.parent, "model folder (ckpt_dir)")
+        net = getattr(self.network, "module", self.network)
+        if _shapes(build_network(self.info)) != _shapes(net):
+            raise DataError(f"{self.path}: network_args {self.info['network']} do not describe the network being "
+                             "trained (network_def was changed beyond in_channels/out_channels/unet_size?); keep "
+                             "the model info true by changing those keys instead.")
+
+    def __call__(self, engine=None) -> Path:
+        write_model_info(self.path, self.info)
+        logger.info("model info: %s", self.path)
+        return self.path
+
+
+def _state_dict(obj: Any, path: Path) -> dict:
+    """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "network", "net"):
+            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise DataError(f"{path}: not a network state dict (parameter name -> tensor).")
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """The network state dict in ``path`` (``torch.load(weights_only=True)``: tensors and plain containers only),
+    or one error naming the file (missing, truncated, corrupt, or not a state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file.")
+    from amvlm_monai.checkpoint import load_checkpoint
+
+    return _state_dict(load_checkpoint(path), path)  # weights_only; unsafe or damaged files: one error naming it
+
+
+class LoadModel:
+    """Load ``load_path`` into ``network`` when the engine starts, with one error naming the file when it cannot
+    be read (`load_state`) or does not fit the network (the settings it was trained with differ).
+
+    Args:
+        load_path: the model file (``model.pt``: a state dict, or one under ``model``).
+        network: the network to fill.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module) -> None:
+        self.load_path = Path(load_path)
+        self.network = network
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        state = load_state(self.load_path)
+        net = getattr(self.network, "module", self.network)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            first = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
+            raise DataError(f"{self.load_path}: does not fit the network built from the settings given ({first}); "
+                            f"check {info_path(self.load_path)} or the --image_size/--unet_size/--in_channels/"
+                            "--out_channels flags.") from None
