@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").exists())
 SCHEMA = Path(__file__).parent / "data" / "meta_schema_20240725.json"
 QATA = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
-TINY_OVERRIDES = {"preset": "small", "image_size": 32, "unet_size": None, "batch_size": 4,
+TINY_OVERRIDES = {"preset": "small", "image_size": 32, "unet_size": "light", "batch_size": 4,
                   "unlabeled_batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1, "cache_rate": 0.0}
 PRETRAIN_TINY = {"image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1,
                  "cache_rate": 0.0, "network_def#patch_size": 8, "network_def#vit_width": 32,
@@ -104,7 +104,7 @@ def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_pa
     images = sorted((demo_data.parent / "raw" / "Test_Folder" / "img").glob("*.png"))
     out_dir = tmp_path / "pred"
     _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(images[0].parent), output_masks_dir=str(out_dir),
-         image_size=32, unet_size=None, num_workers=0)
+         image_size=32, unet_size="light", num_workers=0)
     from PIL import Image
 
     written = sorted(out_dir.glob("*.png"))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import UNet
 
-from amvlm_monai.networks.segmentation import PAPER_CHANNELS, build_segmentation_net
+from amvlm_monai.networks.segmentation import DEFAULT_CHANNELS, LViTUNet, build_segmentation_net
 
 SMALL = dict(channels=(4, 8, 16), strides=(2, 2))
 
@@ -45,12 +45,31 @@ def test_dropout_and_act_reach_the_net():
     assert not any(isinstance(m, nn.PReLU) for m in net.modules())
 
 
-def test_paper_size_has_64_base_channels():
+def test_paper_size_is_lvits_unet():
     net = build_segmentation_net(size="paper")
-    widths = [m.out_channels for m in _convs(net)]
-    assert widths[0] == 64 and max(widths) == 1024
-    assert PAPER_CHANNELS == (64, 128, 256, 512, 1024)
-    assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    assert isinstance(net, LViTUNet)
+    assert sum(p.numel() for p in net.parameters()) == 14_787_777  # LViT's U-Net: about 14.8 M
+    x = torch.zeros(1, 1, 32, 32)
+    first = net.conv_0(x)
+    assert first.shape == (1, 64, 32, 32)  # the first level convolves at full resolution
+    convs = [m for m in net.conv_0.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3), (3, 3)]  # two 3x3 conv-BN-ReLU per level
+    assert [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)][::2] == [
+        64, 128, 256, 512, 512, 256, 128, 64, 64]
+    assert any(isinstance(m, nn.ReLU) for m in net.modules()) and not any(isinstance(m, nn.PReLU) for m in net.modules())
+    assert net(x).shape == (1, 1, 32, 32)
+
+
+def test_light_size_is_the_default_monai_unet():
+    light = build_segmentation_net(size="light")
+    assert [m.out_channels for m in _convs(light)][:5] == list(DEFAULT_CHANNELS)
+    assert sum(p.numel() for p in light.parameters()) == sum(p.numel() for p in build_segmentation_net().parameters())
+
+
+def test_paper_unet_torchscript_matches_eager():
+    net = LViTUNet(out_channels=2, features=(4, 8, 16, 32, 32)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x))
 
 
 def test_torchscript_matches_eager():
@@ -65,6 +84,7 @@ def test_torchscript_matches_eager():
     [
         (dict(size="huge"), "size"),
         (dict(size="paper", channels=(4, 8, 16), strides=(2, 2)), "size"),
+        (dict(size="light", channels=(4, 8, 16), strides=(2, 2)), "size"),
         (dict(spatial_dims=4), "spatial_dims"),
         (dict(in_channels=0), "in_channels"),
         (dict(out_channels=1.5), "out_channels"),

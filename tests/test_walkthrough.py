@@ -18,7 +18,7 @@ from amvlm_monai.networks import segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/qata_covid19_cxr_segmentation"
-LIGHT = "light" if "light" in segmentation._SIZES else None
+LIGHT = "light"
 SMALL = {"image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1, "cache_rate": 0.0}
 SMALL_NET = {"unet_size": LIGHT} if LIGHT else {}  # a None preset cannot be given on the command line
 PRETRAIN_SMALL = {**SMALL, "network_def#patch_size": 8, "network_def#vit_width": 32, "network_def#vit_depth": 1,
