@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from amvlm_monai.networks import segmentation
-
 ROOT = Path(__file__).resolve().parents[1]
 SPINE = ROOT / "bundles" / "mrspineseg_spine_mr_segmentation"
-#: the small U-Net preset ("light" once the presets are strings, else the default None)
+#: the CPU U-Net preset
 LIGHT = "light"
 TINY = {"unet_size": LIGHT, "image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1,
         "cache_rate": 0.0}

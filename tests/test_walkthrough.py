@@ -11,16 +11,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from amvlm_monai.networks import segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/qata_covid19_cxr_segmentation"
 LIGHT = "light"
 SMALL = {"image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1, "cache_rate": 0.0}
-SMALL_NET = {"unet_size": LIGHT} if LIGHT else {}  # a None preset cannot be given on the command line
+SMALL_NET = {"unet_size": LIGHT}
 PRETRAIN_SMALL = {**SMALL, "network_def#patch_size": 8, "network_def#vit_width": 32, "network_def#vit_depth": 1,
                   "network_def#vit_heads": 2, "network_def#vit_mlp": 64, "network_def#text_layers": 1,
                   "network_def#embed_dim": 16, "network_def#head_hidden": 32, "network_def#pdt_heads": 2}
