@@ -15,8 +15,9 @@ smooth vessel-like texture and low-frequency noise. Inside the lungs:
   and overlapping size range as the lesions.
 
 The report is `amvlm_monai.data.describe.describe_mask` of the true mask (how many lesions, patient side, upper/
-middle/lower, size), e.g. "Bilateral pulmonary infection, two infected areas, small upper left lung and medium lower
-right lung.".
+middle/lower, size) in one of several wordings drawn per image (as real reports vary), e.g. "Bilateral pulmonary
+infection, two infected areas, small upper left lung and medium lower right lung." or "There are two opacities of
+pneumonia, left upper zone (small) and right lower zone (moderate).".
 
 What makes it hard: lesions and distractors differ only in shape and texture (irregular/patchy vs. round-smooth or
 elongated), not in brightness, and both sit on ribs, vessels and noise; lesions are small at 64-96 px and are clipped
@@ -219,7 +220,7 @@ def make_demo_dataset(
             name = f"{prefix}_{i:04d}.png"
             Image.fromarray(image).save(root / folder / "img" / name)
             Image.fromarray(mask).save(root / folder / "labelcol" / f"mask_{name}")
-            rows.append((f"mask_{name}", describe_mask(mask)))
+            rows.append((f"mask_{name}", describe_mask(mask, rng=rng)))  # varied wording, same facts
         write_xlsx(root / sheet, ("Image", "Description"), rows)
     return root
 

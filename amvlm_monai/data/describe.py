@@ -40,6 +40,7 @@ __all__ = [
     "find_regions",
     "describe_mask",
     "describe_levels",
+    "LUNG_PARAPHRASES",
 ]
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -238,6 +239,59 @@ def _location(region: Region, vocab: Vocabulary, with_size: bool) -> str:
     return " ".join(text.split())  # drop doubled spaces left by empty fields
 
 
+#: Alternative wordings of the lung sentences (same facts: count, side, zone, size), for ``describe_mask(rng=...)``.
+LUNG_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    # whole sentence; fields: headline, count, locations, be ("is"/"are")
+    "sentence": (
+        "{headline}, {count}, {locations}.",
+        "{headline}: {count}, {locations}.",
+        "There {be} {count} of {finding}, {locations}.",
+        "{count} consistent with {finding}: {locations}.",
+        "Chest X-ray shows {count}, {locations}; {headline}.",
+    ),
+    "finding": ("pulmonary infection", "pneumonia", "infection", "lung infection"),
+    "one": ("infected area", "lesion", "opacity", "patchy opacity", "focus"),
+    "many": ("infected areas", "lesions", "opacities", "patchy opacities", "foci"),
+    # one region; fields: size, vertical, side
+    "location": (
+        "{size} {vertical} {side} lung",
+        "{size} lesion in the {vertical} zone of the {side} lung",
+        "{side} {vertical} zone ({size})",
+        "{size} {side} {vertical} lung",
+        "the {vertical} {side} lung ({size})",
+    ),
+    "small": ("small", "minor", "focal"),
+    "medium": ("medium", "moderate", "mid-sized"),
+    "large": ("large", "extensive", "sizeable"),
+    "unilateral": ("unilateral", "one-sided"),
+    "bilateral": ("bilateral", "both-sided"),
+    "central": ("central", "midline"),
+    "empty": ("No lesion is visible.", "The lungs are clear.", "No pulmonary infection is seen.",
+              "No infected area.", "Clear lungs, no opacity."),
+}
+
+
+def _paraphrase(regions: Sequence[Region], vocab: Vocabulary, laterality: str, rng: np.random.Generator) -> str:
+    """One wording, drawn with ``rng``, of the facts ``describe_mask`` states (lung vocabulary)."""
+    words = LUNG_PARAPHRASES
+    pick = lambda key: str(rng.choice(words[key]))  # noqa: E731
+    if not regions:
+        return pick("empty")
+    finding = pick("finding")
+    n = len(regions)
+    count = f"{number_word(n)} {pick('one') if n == 1 else pick('many')}"
+    template = pick("location")
+    locations = []
+    for r in regions:
+        size = pick(vocab.sizes[r.size]) if vocab.sizes[r.size] in words else vocab.sizes[r.size]
+        text = template.format(size=size, vertical=_vertical_words(r.vertical, vocab), side=vocab.sides[r.side])
+        locations.append(" ".join(text.split()))
+    headline = f"{pick(laterality) if laterality in words else laterality} {finding}"
+    sentence = pick("sentence").format(headline=headline, count=count, locations=_join(locations), finding=finding,
+                                       be="is" if n == 1 else "are")
+    return sentence[0].upper() + sentence[1:]
+
+
 def describe_mask(
     mask,
     organ: str = "lung",
@@ -251,6 +305,7 @@ def describe_mask(
     center_band: float = 0.0,
     include_size: bool = True,
     max_listed: int = 4,
+    rng: np.random.Generator | None = None,
 ) -> str:
     """A radiologist-style sentence stating how many regions a binary mask has, where, and how large.
 
@@ -266,6 +321,8 @@ def describe_mask(
         min_area, organ_mask, size_thresholds, cover_fraction, center_band: see `find_regions`.
         include_size: put a size word (small/medium/large) before each location.
         max_listed: with more regions than this, the sentence lists the distinct locations without sizes.
+        rng: draw the wording from ``LUNG_PARAPHRASES`` (lung vocabulary only; the facts stay the same), as
+            reports vary in real data sets; None gives the one fixed sentence.
 
     Returns:
         e.g. "Bilateral pulmonary infection, two infected areas, small upper left lung and large lower right lung.";
@@ -283,8 +340,9 @@ def describe_mask(
         cover_fraction=cover_fraction,
         center_band=center_band,
     )
+    paraphrase = rng is not None and vocab == VOCABULARIES["lung"]
     if not regions:
-        return vocab.empty
+        return _paraphrase([], vocab, "", rng) if paraphrase else vocab.empty
     sides = {r.side for r in regions}
     if {0, 2} <= sides:
         laterality = vocab.laterality[1]
@@ -292,6 +350,8 @@ def describe_mask(
         laterality = vocab.laterality[2]
     else:
         laterality = vocab.laterality[0]
+    if paraphrase and len(regions) <= max_listed:
+        return _paraphrase(regions, vocab, laterality, rng)
     headline = vocab.headline.format(
         laterality=laterality, adjective=vocab.adjective, finding=vocab.finding, organ=vocab.organ
     )
