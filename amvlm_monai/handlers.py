@@ -16,7 +16,7 @@ from ignite.metrics import Metric
 from amvlm_monai.checkpoint import atomic_save, clean_stale_tmp, plain_config
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
-__all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel"]
+__all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel", "PseudoLabelQuality"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,85 @@ class SelectBestModel:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.best = state["best"]
+
+
+class PseudoLabelQuality:
+    """Diagnostic of stage 2: how good are the pseudo labels on the unlabelled images?
+
+    Every ``interval`` epochs the teacher (eval mode, after ``prepare_teacher()``), the text masks of the paired
+    reports and their fusion (the pseudo labels the student learns from) are thresholded at 0.5 and scored against
+    the **hidden** labels of the unlabelled training images (``splits.hidden_label_items``; they never reach
+    training): Dice over the images that contain a lesion, and the foreground fraction. The figures go to the
+    trainer's ``state.metrics`` as ``pseudo_<source>_dice`` / ``pseudo_<source>_fg``, to the log and, with
+    ``output_csv``, one row per epoch to a CSV. Binary segmentation only.
+
+    Args:
+        loader: batches with ``image``, ``label`` (the hidden masks) and ``text``.
+        teacher: the EMA teacher.
+        guidance: the :class:`~amvlm_monai.networks.guidance.TextGuidance`, or None (teacher only).
+        output_csv: CSV path, or None.
+        interval: epochs between runs.
+    """
+
+    def __init__(self, loader: Any, teacher: torch.nn.Module, guidance: Optional[torch.nn.Module] = None,
+                 output_csv: Optional[str] = None, interval: int = 1) -> None:
+        self.loader = loader
+        self.teacher = teacher
+        self.guidance = guidance
+        self.output_csv = os.fspath(output_csv) if output_csv else None
+        self.interval = max(1, int(interval))
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    @torch.no_grad()
+    def scores(self, device: torch.device | str) -> dict[str, float]:
+        """``pseudo_<teacher|text|fused>_<dice|fg>`` and ``pseudo_label_fg`` over the loader."""
+        sums: dict[str, list[float]] = {}
+        was_training = self.guidance.training if self.guidance is not None else False
+        if self.guidance is not None:
+            self.guidance.eval()
+        try:
+            for batch in self.loader:
+                x = batch["image"].to(device)
+                y = batch["label"].to(device) > 0.5
+                if y.shape[1] != 1:
+                    raise ValueError("PseudoLabelQuality scores binary segmentation only.")
+                logits = self.teacher(x).float()
+                preds = {"teacher": torch.sigmoid(logits) > 0.5}
+                if self.guidance is not None:
+                    masks = self.guidance.text_masks(x, list(batch["text"])).float()
+                    preds["text"] = masks[:, :1] > 0.5
+                    preds["fused"] = self.guidance.fuse(logits, masks, multiclass=False) > 0.5
+                present = y.flatten(1).any(1)
+                for name, p in preds.items():
+                    inter = (p & y).flatten(1).sum(1).float()
+                    dice = 2 * inter / (p.flatten(1).sum(1) + y.flatten(1).sum(1)).clamp_min(1)
+                    sums.setdefault(f"pseudo_{name}_dice", []).extend(dice[present].tolist())
+                    sums.setdefault(f"pseudo_{name}_fg", []).extend(p.flatten(1).float().mean(1).tolist())
+                sums.setdefault("pseudo_label_fg", []).extend(y.flatten(1).float().mean(1).tolist())
+        finally:
+            if self.guidance is not None:
+                self.guidance.train(was_training)
+        return {k: sum(v) / len(v) if v else float("nan") for k, v in sums.items()}
+
+    def __call__(self, engine: Engine) -> None:
+        if callable(getattr(engine, "prepare_teacher", None)):
+            engine.prepare_teacher()
+        scores = self.scores(engine.state.device)
+        engine.state.metrics.update(scores)
+        logger.info("epoch %d pseudo labels vs the hidden labels of the unlabelled images: %s", engine.state.epoch,
+                    ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if self.output_csv and _is_writer():
+            import csv
+
+            new = not os.path.exists(self.output_csv)
+            os.makedirs(os.path.dirname(os.path.abspath(self.output_csv)), exist_ok=True)
+            with open(self.output_csv, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["epoch", *scores])
+                if new:
+                    writer.writeheader()
+                writer.writerow({"epoch": engine.state.epoch, **scores})
 
 
 def _finite(x: float) -> float:

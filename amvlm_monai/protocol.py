@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["METHODS", "PRETRAIN", "Protocol", "summarise", "main"]
+__all__ = ["METHODS", "PRETRAIN", "Protocol", "summarise", "stage1_alignment", "main"]
 
 #: method -> (stage-2 variant overlay under configs/variants, stage-1 checkpoint it needs or None, table label)
 METHODS: dict[str, tuple[str, Optional[str], str]] = {
@@ -159,9 +159,10 @@ class Protocol:
             self.pretrain(seed, kind)
         common = dict(self.overrides, **self.method_overrides.get(method, {}), dataset_dir=str(self.data),
                       labeled_percent=labeled, seed=seed)
+        diagnostic = dict(pseudo_label_diagnostic=method != "supervised")
         train_cfg = ["configs/train.json", f"configs/variants/{overlay}"]
         tag = f"seed{seed}_labeled{labeled}_{method}"
-        secs = self._run("training", train_cfg, dict(common, output_dir=str(models), ckpt_dir=str(out)),
+        secs = self._run("training", train_cfg, dict(common, **diagnostic, output_dir=str(models), ckpt_dir=str(out)),
                          self.work / "logs" / f"{tag}_train.log")
         secs += self._run("evaluating", train_cfg + ["configs/evaluate.json"],
                           dict(common, output_dir=str(out), eval_dir=str(out)), self.work / "logs" / f"{tag}_eval.log")
@@ -174,7 +175,8 @@ class Protocol:
         row = {"method": method, "labeled": labeled, "seed": seed, "dice": float(np.mean(scores["dice"])),
                "iou": float(np.mean(scores["iou"])), "selected": selected.get("network", ""),
                "epoch": selected.get("epoch", ""), "val_" + str(selected.get("metric", "metric")):
-               selected.get("value", ""), "seconds": round(secs, 1), "scores": str(out / "scores_test.csv")}
+               selected.get("value", ""), **_pseudo_label_scores(out / "pseudo_labels.csv", selected.get("epoch")),
+               "seconds": round(secs, 1), "scores": str(out / "scores_test.csv")}
         print(f"  seed {seed}, {labeled:3d} % labels, {method:<13} Dice {100 * row['dice']:6.2f}  "
               f"mIoU {100 * row['iou']:6.2f}  ({row['selected'] or 'model'} of epoch {row['epoch']}, {secs:.0f} s)",
               flush=True)
@@ -226,6 +228,27 @@ def _output_to(log: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+
+
+def _pseudo_label_scores(path: Path, epoch: Any) -> dict[str, float]:
+    """The pseudo-label diagnostic (:class:`~amvlm_monai.handlers.PseudoLabelQuality`) at the kept model's epoch."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    row = next((r for r in rows if str(r["epoch"]) == str(epoch)), rows[-1] if rows else None)
+    return {k: float(v) for k, v in row.items() if k.startswith("pseudo_")} if row else {}
+
+
+def stage1_alignment(work: str | os.PathLike) -> list[dict[str, Any]]:
+    """The kept stage-1 checkpoints' validation figures (``seed<S>/models/*.json`` written by
+    :class:`~amvlm_monai.alignment.AlignmentValidation`)."""
+    rows = []
+    for path in sorted(Path(work).glob("seed*/models/amvlm_*.json")):
+        info = json.loads(path.read_text())
+        rows.append({"seed": path.parts[-3][4:], "checkpoint": path.stem, "epoch": info.get("epoch"),
+                     **info.get("metrics", {})})
+    return rows
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -298,6 +321,35 @@ def summarise(rows: Sequence[Mapping[str, Any]], work: str | os.PathLike, alpha:
             p = f"{t['p']:.2g}" if math.isfinite(t["p"]) else "n/a"
             lines.append(f"| {t['labeled']} % | {METHODS[t['a']][2]} vs {METHODS[t['b']][2]} | {t['metric']} | "
                          f"{100 * t['mean_diff']:+.2f} | {t['t']:.2f} | {p} |")
+    diag = [r for r in rows if "pseudo_teacher_dice" in r]
+    if diag:
+        lines += ["", "Pseudo labels on the unlabelled training images against their hidden labels (Dice over images "
+                  "with a lesion, %, mean over seeds; the teacher alone, the text mask alone, and their fusion):", "",
+                  "| labels | method | teacher | text mask | fused | predicted / true foreground (%) |",
+                  "|---|---|---|---|---|---|"]
+        for ratio in ratios:
+            for m in methods:
+                runs = [r for r in diag if r["method"] == m and int(r["labeled"]) == ratio]
+                if not runs:
+                    continue
+                mean = lambda k: 100 * statistics.fmean(r[k] for r in runs) if k in runs[0] else float("nan")  # noqa
+                src = "pseudo_fused_fg" if "pseudo_fused_fg" in runs[0] else "pseudo_teacher_fg"
+                cell = lambda k: f"{mean(k):.2f}" if math.isfinite(mean(k)) else "-"  # noqa: E731
+                lines.append(f"| {ratio} % | {METHODS[m][2]} | {cell('pseudo_teacher_dice')} | "
+                             f"{cell('pseudo_text_dice')} | {cell('pseudo_fused_dice')} | "
+                             f"{mean(src):.2f} / {mean('pseudo_label_fg'):.2f} |")
+    align = stage1_alignment(work)
+    if align:
+        _write_csv(work / "stage1.csv", align)
+        lines += ["", "Stage 1, the kept checkpoint on the validation split (recall in %, chance in brackets; "
+                  "localisation AUC; Dice of the initial text mask against that of an all-ones mask):", "",
+                  "| seed | checkpoint | epoch | image-to-report R@1 | R@5 | report-to-image R@1 | R@5 | AUC | "
+                  "text mask / all-ones Dice |", "|---|---|---|---|---|---|---|---|---|"]
+        for a in align:
+            r = lambda k: f"{100 * a[k]:.1f} ({100 * a[k + '_chance']:.1f})"  # noqa: E731
+            lines.append(f"| {a['seed']} | {a['checkpoint']} | {a['epoch']} | {r('i2t_r1')} | {r('i2t_r5')} | "
+                         f"{r('t2i_r1')} | {r('t2i_r5')} | {a['loc_auc']:.3f} | "
+                         f"{a['text_mask_dice']:.3f} / {a['ones_dice']:.3f} |")
     text = "\n".join(lines) + "\n"
     (work / "results.md").write_text(text)
     return text

@@ -177,6 +177,17 @@ def unlabeled_items(items: Sequence[dict], source: str | os.PathLike | None = No
     return out
 
 
+def hidden_label_items(items: Sequence[dict]) -> list[dict]:
+    """The unlabelled items with their hidden mask back under ``label`` (copies), for diagnostics only: how good the
+    pseudo labels are (:class:`~amvlm_monai.handlers.PseudoLabelQuality`). Never train on these."""
+    out = []
+    for it in unlabeled_items(items):
+        if "label_hidden" in it:
+            it["label"] = it.pop("label_hidden")
+            out.append(it)
+    return out
+
+
 def split_name(kind: str, fraction: float) -> str:
     """File name of a split: ``split_labeled25.json``, ``split_fewshot1.json`` (0.5% -> ``0p5``)."""
     if kind not in ("labeled", "fewshot"):

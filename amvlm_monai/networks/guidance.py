@@ -141,6 +141,12 @@ class TextGuidance(nn.Module):
         return fuse_pseudo_labels(teacher_logits, masks, lam=self.fusion_lambda, mode=self.fusion_mode,
                                   multiclass=multiclass)
 
+    @torch.no_grad()
+    def text_masks(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Text masks only, (B, K, H, W) in [0, 1], without L_tg (diagnostics and pictures)."""
+        low = self.generator.masks(self.generator.dense(images), self.prompts(texts, images.device))
+        return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
 
 def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float = 1.0, extended: bool = False,
                         temperature: float = 0.07, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
