@@ -12,14 +12,21 @@
   bias), beside the Dice of an all-ones mask (what a mask that says nothing scores).
 
 :class:`AlignmentValidation` runs these every epoch of pretraining, logs them, and keeps the best checkpoint.
+
+CLI (a stage-1 checkpoint on a split of a converted data set)::
+
+    python -m amvlm_monai.alignment --checkpoint models/amvlm_pretrained.pt --datalist DATA/datalist.json \
+        [--key validation] [--limit 500]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -224,3 +231,34 @@ class AlignmentValidation:
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the alignment metrics of a stage-1 checkpoint on one split of a datalist, as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.alignment", description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (amvlm_pretrained.pt)")
+    parser.add_argument("--datalist", required=True, help="datalist.json of a converted data set")
+    parser.add_argument("--key", default="validation", help="the split (its items need label and text)")
+    parser.add_argument("--limit", type=int, default=None, help="score the first N items only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    from amvlm_monai.cli import cli_errors
+
+    with cli_errors():
+        from monai.data import DataLoader, Dataset
+
+        from amvlm_monai.data.datalist import load_datalist
+        from amvlm_monai.networks.amvlm import load_amvlm
+        from amvlm_monai.transforms.pipelines import segmentation_transforms
+
+        model = load_amvlm(args.checkpoint)
+        items = load_datalist(args.datalist, args.key)[: args.limit]
+        chain = segmentation_transforms(model.config["image_size"], labeled=True,
+                                        in_channels=model.config.get("in_channels", 1))
+        metrics = evaluate_alignment(model, DataLoader(Dataset(items, chain), batch_size=args.batch_size))
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

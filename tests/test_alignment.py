@@ -100,3 +100,19 @@ def test_evaluate_alignment_on_a_tiny_model(tiny_amvlm):
     for key in ("i2t_r1", "t2i_r1", "loc_auc", "text_mask_dice", "ones_dice"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["alignment"] == pytest.approx((out["i2t_r5"] + out["t2i_r5"] + out["loc_auc"]) / 3)
+
+
+def test_the_cli_scores_a_checkpoint_on_a_split(tiny_amvlm, demo_data, tmp_path, capsys):
+    import json
+
+    from amvlm_monai.alignment import main
+    from amvlm_monai.handlers import save_pretrained
+
+    ckpt = tmp_path / "amvlm.pt"
+    save_pretrained(str(ckpt), tiny_amvlm)
+    assert main(["--checkpoint", str(ckpt), "--datalist", str(demo_data / "datalist.json"), "--key", "test"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_images"] == 4 and 0 <= out["loc_auc"] <= 1 and "t2i_r5_chance" in out
+    with pytest.raises(SystemExit) as err:
+        main(["--checkpoint", str(tmp_path / "missing.pt"), "--datalist", str(demo_data / "datalist.json")])
+    assert err.value.code == 2 and "missing.pt" in capsys.readouterr().err
