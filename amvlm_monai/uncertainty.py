@@ -10,6 +10,10 @@ Usage:
         --image img.png --reports "Two infected areas, upper left lung." "Upper left lung, two lesions."
     python -m amvlm_monai.uncertainty --checkpoint models/amvlm_pretrained.pt \\
         --report "One infected area, lower right lung." --images a.png b.png c.png
+
+``--heatmap out.png`` (with ``--image``) also writes the alignment view: for the image and every report, heat-maps
+of the patch-report similarity and of the PDT's predicted variance over the image (:func:`alignment_maps`,
+:func:`amvlm_monai.visualize.alignment_figure`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["embed_images", "similarity_report", "format_report", "main"]
+__all__ = ["embed_images", "similarity_report", "format_report", "alignment_maps", "main"]
 
 
 @torch.no_grad()
@@ -29,7 +33,7 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str]) -> torch.Tensor:
 
     if not paths:
         raise ValueError("no image given.")
-    chain = inference_transforms(model.config["image_size"])
+    chain = inference_transforms(model.config["image_size"], in_channels=model.config.get("in_channels", 1))
     images = torch.stack([torch.as_tensor(chain({"image": p})["image"]) for p in paths])
     device = next(model.parameters()).device
     return model.encode_image(images.to(device).float()).cls
@@ -74,6 +78,45 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def alignment_maps(model: torch.nn.Module, image: str, reports: Sequence[str]) -> dict:
+    """Where on one image each report matches, and how unsure the PDT is there, on the ViT's patch grid (h, w).
+
+    Args:
+        model: a pretrained :class:`~amvlm_monai.networks.amvlm.AMVLM`.
+        image: an image file (read through the inference transforms of the model's size and channels).
+        reports: K reports.
+
+    Returns:
+        dict with ``image`` (C, H, W) as the model saw it, ``reports``, ``similarity`` (K, h, w): cosine of every
+        patch embedding with each report's global embedding; ``variance_image`` (h, w): the PDT's sigma^2 of the
+        patch tokens, mean over D; ``variance_attended`` (K, h, w): the same for the report's words attended by each
+        patch (the distribution CSS compares with the patch's).
+    """
+    from amvlm_monai.networks.outputs import TokenOutput
+    from amvlm_monai.transforms.pipelines import inference_transforms
+
+    if not reports:
+        raise ValueError("no report given.")
+    model.eval()
+    chain = inference_transforms(model.config["image_size"], in_channels=model.config.get("in_channels", 1))
+    device = next(model.parameters()).device
+    x = torch.as_tensor(chain({"image": image})["image"]).float()[None].to(device)
+    grid = tuple(model.image_encoder.grid_size)
+    k = len(reports)
+    img = model.encode_image(x)
+    txt = model.encode_text(model.tokenize(list(reports), device))
+    sim = (img.tokens[0] @ txt.cls.T).T.reshape(k, *grid)
+    _, sigma = model.pdt_image(img.tokens, img.mask)
+    per_report = TokenOutput(cls=img.cls.expand(k, -1), tokens=img.tokens.expand(k, -1, -1),
+                             mask=img.mask.expand(k, -1), attn=None)
+    att_words, _ = model.cross_attend(per_report, txt)
+    _, sigma_att = model.pdt_attended(att_words, per_report.mask)
+    return {"image": x[0].cpu(), "reports": list(reports), "similarity": sim.cpu(),
+            "variance_image": sigma[0].pow(2).mean(-1).reshape(grid).cpu(),
+            "variance_attended": sigma_att.pow(2).mean(-1).reshape(k, *grid).cpu()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (amvlm_pretrained.pt)")
@@ -83,11 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reports", nargs="+", help="paraphrased reports (with --image)")
     parser.add_argument("--report", help="one report (with --images)")
     parser.add_argument("--text-model", default=None, help="override the text model folder in the checkpoint")
+    parser.add_argument("--heatmap", default=None, help="with --image: write the alignment heat-maps to this PNG")
     args = parser.parse_args(argv)
     if args.image and not args.reports:
         parser.error("--image needs --reports")
     if args.images and not args.report:
         parser.error("--images needs --report")
+    if args.heatmap and not args.image:
+        parser.error("--heatmap needs --image (one image, several --reports)")
     from amvlm_monai.cli import cli_errors
     from amvlm_monai.networks.amvlm import load_amvlm
 
@@ -96,6 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = [args.image] if args.image else args.images
         reports = args.reports if args.image else [args.report]
         print(format_report(similarity_report(model, images, reports)))
+        if args.heatmap:
+            from amvlm_monai.visualize import alignment_figure, save_png
+
+            maps = alignment_maps(model, args.image, reports)
+            path = save_png(alignment_figure(maps["image"], maps["reports"], maps["similarity"],
+                                             maps["variance_image"], maps["variance_attended"]), args.heatmap)
+            print(f"alignment heat-maps: {path}")
     return 0
 
 

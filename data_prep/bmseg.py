@@ -56,6 +56,7 @@ from PIL import Image
 from amvlm_monai.data.describe import describe_mask
 from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
+from amvlm_monai.progress import progress
 
 from .common import (
     IMAGE_EXTS,
@@ -185,7 +186,7 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
     if not images and "image" in folders:
         problems.append(f"{folders['image']}: empty split: no images")
     items = []
-    for s, path in images.items():
+    for s, path in progress(list(images.items()), "checking images"):
         patient = patient_of(s, regex)
         if patient is None:
             problems.append(f"{path}: no patient id in the file name (pattern {patient_regex!r}; see --patient-regex)")

@@ -20,6 +20,7 @@ from PIL import Image
 from amvlm_monai.data.datalist import ROOTS_KEY, write_datalist
 from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.splits import partition, write_splits
+from amvlm_monai.progress import progress
 
 from ._xlsx import read_xlsx
 
@@ -309,7 +310,7 @@ def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str,
         if rows == []:
             problems.append(f"{sheet_path}: empty split: the spreadsheet has no rows")
         listed_images, listed_masks = set(), set()
-        for row in rows or []:
+        for row in progress(rows or [], f"checking {sheet_path.name}"):
             where = f"{sheet_path} row {row['_row']}"
             name = _cell(row["Image"])
             if not name:

@@ -70,6 +70,7 @@ from PIL import Image
 from amvlm_monai.data.describe_nuclei import describe_nuclei
 from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
+from amvlm_monai.progress import progress
 
 from .common import (
     LVIT_SPLITS,
@@ -404,7 +405,8 @@ def convert_monuseg(
     check_out(out, src, root, written=OUTPUT_FOLDERS)
     layout, plan = collect(root, seed, val_fraction, margin)
     if layout == "original":
-        plan = {section: [convert_slide(s, out) for s in slides] for section, slides in plan.items()}
+        plan = {section: [convert_slide(s, out) for s in progress(slides, f"converting {section}")]
+                for section, slides in plan.items()}
     return write_outputs(plan, out, seed, fractions, few_shot, roots=[root] if layout == "lvit" else [])
 
 

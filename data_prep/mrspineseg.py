@@ -53,6 +53,7 @@ from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, i
 from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.spine import NUM_SPINE_CLASSES, describe_spine
+from amvlm_monai.progress import progress
 
 from .common import (
     add_common_args,
@@ -248,7 +249,7 @@ def collect(src: str | os.PathLike, seed: int = 0, test_fraction: float = TEST_F
     for n in sorted(set(images) - set(masks)):
         problems.append(f"{images[n]}: case without a mask (expected {train / 'Mask' / f'mask_case{n}.nii.gz'})")
     cases = []
-    for n in sorted(set(images) & set(masks)):
+    for n in progress(sorted(set(images) & set(masks)), "checking cases"):
         cid = images[n].name.split(".")[0]
         case = _check_case(cid, images[n], masks[n], axis, keep_empty, problems)
         if case is not None:

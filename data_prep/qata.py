@@ -52,6 +52,7 @@ from amvlm_monai.data.describe import describe_mask
 from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.splits import partition
+from amvlm_monai.progress import progress
 
 from .common import (
     LVIT_SPLITS,
@@ -126,7 +127,7 @@ def _collect_kaggle(root: Path, seed: int, problems: list[str]) -> dict[str, lis
                 problems.append(f"{path}: mask is not named mask_<image>.png")
             elif mask_name[len(_MASK_PREFIX):] not in images:
                 problems.append(f"{path}: mask without an image (expected {img_dir / mask_name[len(_MASK_PREFIX):]})")
-        for image_name, path in images.items():
+        for image_name, path in progress(list(images.items()), f"checking {img_dir}"):
             mask_name = _MASK_PREFIX + image_name
             if mask_name not in masks:
                 problems.append(f"{path}: missing mask {mask_dir / mask_name}")

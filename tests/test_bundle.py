@@ -101,6 +101,8 @@ def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_pa
     assert len(scores["ids"]) == n_test and len(set(scores["ids"])) == n_test
     assert all(0.0 <= d <= 1.0 for d in scores["dice"])
 
+    _check_logs_panels_and_heatmap(bundle_copy, scores, tmp_path)
+
     images = sorted((demo_data.parent / "raw" / "Test_Folder" / "img").glob("*.png"))
     out_dir = tmp_path / "pred"
     _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(images[0].parent), output_masks_dir=str(out_dir),
@@ -111,6 +113,48 @@ def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_pa
     assert len(written) == len(images)
     src, pred = Image.open(images[0]), Image.open(written[0])
     assert pred.size == src.size and set(pred.getdata()) <= {0, 255}
+
+
+def _check_logs_panels_and_heatmap(bundle, scores, tmp_path):
+    """What the tiny run leaves besides the weights: TensorBoard logs of both stages, evaluation reports and panels,
+    and the alignment heat-map and README figures made from them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from amvlm_monai.export import read_eval_metrics
+    from amvlm_monai.visualize import readme_figures
+
+    models, eval_dir = bundle / "models", bundle / "eval"
+    train = EventAccumulator(str(models / "tensorboard"), size_guidance={"images": 0})
+    train.Reload()
+    tags = train.Tags()
+    assert {"train/loss", "train/sup", "train/consistency", "train/tg", "lr/group_0"} <= set(tags["scalars"])
+    for net in ("student", "teacher"):  # every metric of both validated networks
+        assert {f"validation/{net}_val_mean_dice", f"validation/{net}_val_mean_iou"} <= set(tags["scalars"])
+        assert any(t.startswith(f"validation_panels/{net}/") for t in tags["images"])
+    assert len(train.Scalars("train/loss")) == len(train.Scalars("lr/group_0")) > 0
+    stage1 = EventAccumulator(str(models / "amvlm_pretrained_tensorboard"))
+    stage1.Reload()
+    stage1_tags = set(stage1.Tags()["scalars"])
+    assert {"train/loss", "train/ita", "train/css", "train/icl", "lr/group_0", "lr/group_1"} <= stage1_tags
+    assert any(t.startswith("validation/val_") for t in stage1_tags)  # the stage-1 alignment metrics
+
+    metrics, where = read_eval_metrics(eval_dir)
+    assert metrics["mean_dice"] == pytest.approx(float(scores["dice"].mean()), abs=1e-6)
+    assert f"{len(scores['ids'])} images" in where
+    raw = (eval_dir / "val_mean_dice_raw.csv").read_text().splitlines()
+    assert len(raw) == len(scores["ids"]) + 1 and (eval_dir / "val_mean_iou_summary.csv").is_file()
+    index = json.loads((eval_dir / "panels" / "index.json").read_text())
+    assert 0 < len(index) <= 8 and all((eval_dir / "panels" / e["file"]).is_file() for e in index)
+    by_id = dict(zip(scores["ids"], scores["dice"]))
+    for entry in index:
+        assert entry["report"] and entry["dice"] == pytest.approx(by_id[os.path.basename(entry["image"])], abs=1e-6)
+
+    figures = readme_figures(bundle, tmp_path / "figures", prefer="eval")  # the panel and a heat-map of the run
+    from PIL import Image
+
+    for path in figures.values():
+        w, h = Image.open(path).size
+        assert w > 200 and h > 200, path
 
 
 @pytest.mark.parametrize("variant", ["supervised", "mean_teacher"])
@@ -197,3 +241,66 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_cpu_processes(bundle_copy, demo
     assert (tmp_path / "model.pt").is_file()
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory):
+    """A tiny stage-1 checkpoint in the layout SavePretrained writes."""
+    from conftest import TINY
+
+    from amvlm_monai.networks.amvlm import AMVLM
+
+    torch.manual_seed(0)
+    model = AMVLM(**TINY)
+    path = tmp_path_factory.mktemp("stage1") / "amvlm_pretrained.pt"
+    torch.save({"model": model.state_dict(), "config": model.config}, path)
+    return path
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_check_properties_of_train_and_inference_configs(bundle, demo_data, stage1_checkpoint, tmp_path):
+    """The model zoo's property check (monai.bundle ConfigWorkflow.check_properties) on instantiated workflows."""
+    from monai.bundle import ConfigWorkflow
+
+    common = dict(meta_file=str(bundle / "configs" / "metadata.json"),
+                  logging_file=str(bundle / "configs" / "logging.conf"), bundle_root=str(tmp_path))
+    train = ConfigWorkflow(workflow_type="train", config_file=str(bundle / "configs" / "train.json"),
+                           dataset_dir=str(demo_data), pretrained_path=str(stage1_checkpoint),
+                           **dict(TINY_OVERRIDES, unet_size="$None" if TINY_OVERRIDES["unet_size"] is None
+                                  else TINY_OVERRIDES["unet_size"]), **common)
+    train.initialize()
+    assert train.check_properties() == []
+    images = demo_data.parent / "raw" / "Test_Folder" / "img"
+    infer = ConfigWorkflow(workflow_type="infer", config_file=str(bundle / "configs" / "inference.json"),
+                           dataset_dir=str(images), image_glob="*.png", **common)
+    infer.initialize()
+    assert infer.check_properties() == []
+    assert infer.parser.get_parsed_content("input_dir") == str(images)  # --dataset_dir is the images' folder
+
+
+def test_check_properties_finds_an_inline_key_metric(demo_data, stage1_checkpoint, tmp_path):
+    """The check this bundle layout has to pass fails on the former inline key_val_metric."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(workflow_type="train", config_file=str(QATA / "configs" / "train.json"),
+                        meta_file=str(QATA / "configs" / "metadata.json"), bundle_root=str(tmp_path),
+                        dataset_dir=str(demo_data), pretrained_path=str(stage1_checkpoint), **TINY_OVERRIDES)
+    wf.parser["validate#evaluator#key_val_metric"] = dict(wf.parser["validate#key_metric"])  # inline, as before
+    wf.initialize()
+    with pytest.raises(AttributeError):  # MONAI's check expects a reference string there
+        wf.check_properties()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("mlflow") is not None, reason="mlflow is installed")
+def test_tracking_mlflow_without_mlflow_names_the_package_to_install(bundle_copy, demo_data, tmp_path):
+    from amvlm_monai.handlers import MLFLOW_MISSING
+
+    with pytest.raises(Exception) as err:
+        _run(bundle_copy, "training", ["train.json", "variants/supervised.json"], dataset_dir=str(demo_data),
+             ckpt_dir=str(tmp_path), tracking="mlflow", **TINY_OVERRIDES)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert MLFLOW_MISSING in chain
+    assert not (tmp_path / "model.pt").exists()  # stopped before training

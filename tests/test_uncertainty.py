@@ -42,3 +42,17 @@ def test_cli_both_directions(ckpt, demo_data, capsys):
     assert "reports among themselves: n/a" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(ckpt), "--image", images[0]])
+
+
+def test_cli_heatmap_writes_the_alignment_view(ckpt, demo_data, tmp_path, capsys):
+    from PIL import Image
+
+    images = sorted(str(p) for p in (demo_data.parent / "raw" / "Test_Folder" / "img").glob("*.png"))
+    out = tmp_path / "align.png"
+    assert main(["--checkpoint", str(ckpt), "--image", images[0], "--reports", *REPORTS[:2],
+                 "--heatmap", str(out)]) == 0
+    assert f"alignment heat-maps: {out}" in capsys.readouterr().out
+    w, h = Image.open(out).size
+    assert h > w > 200  # an image row and one row per report
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(ckpt), "--images", *images[:2], "--report", REPORTS[0], "--heatmap", str(out)])

@@ -32,7 +32,11 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def check_finite(terms: Mapping[str, torch.Tensor], where: str = "") -> None:
-    """Raise FloatingPointError naming every non-finite term (and ``where``: e.g. the batch's files)."""
+    """Raise FloatingPointError naming every non-finite term (and ``where``: e.g. the batch's files).
+
+    Kept instead of ignite's ``TerminateOnNan``, which looks at the output after the optimiser step has already
+    applied the non-finite gradients, names no term or file, and ends the run as if it had finished.
+    """
     bad = {k: float(v.detach().float().mean()) for k, v in terms.items()
            if isinstance(v, torch.Tensor) and not torch.isfinite(v.detach()).all()}
     if bad:

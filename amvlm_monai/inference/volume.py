@@ -56,6 +56,7 @@ from amvlm_monai.transforms.clinical import (
     clinical_load_chain,
     detect_format,
 )
+from amvlm_monai.progress import progress
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
 
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             detect_format(path)
         seg = segmenter_from_args(args, parser)
         check_writable(args.output)
-        for path in args.input:
+        for path in progress(args.input, "volumes"):
             out = seg(path, args.output)
             print(out)
             written.append(out)
