@@ -48,6 +48,8 @@ WEIGHTS_URL_PLACEHOLDER = "TO BE FILLED: the URL where models/model.pt is upload
 # packages used through MONAI rather than imported by the code: image readers and TensorBoard
 RUNTIME_PACKAGES = ("pillow", "nibabel", "tensorboard")
 BASE_PACKAGES = {"torch", "numpy", "monai"}  # metadata has fields of their own for these
+_SYS_PATH = ("$sys.path.insert(1, os.path.abspath(@bundle_root)) if os.path.abspath(@bundle_root) not in sys.path "
+             "else None")
 _IMPORT = re.compile(r"^(\s*)(from|import)(\s+)amvlm_monai\b", re.MULTILINE)
 _REFERENCE = re.compile(r"(?<![\w.])amvlm_monai\.")
 
@@ -375,6 +377,12 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
     else:
         logger.warning(f"{name}: network_def is not a plain MONAI network; inference.json keeps the vendored factory.")
     for rel, config in configs.items():
+        if isinstance(config.get("initialize"), list):
+            # `monai.bundle run` puts the bundle root on sys.path only after `initialize`: do it first, so that
+            # scripts.* targets there resolve from any working folder
+            imports = list(config.get("imports", []))
+            config["imports"] = imports + [i for i in ("$import os", "$import sys") if i not in imports]
+            config["initialize"] = [_SYS_PATH] + config["initialize"]
         path = dst / "configs" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_rewrite(config), indent=4) + "\n")

@@ -20,7 +20,8 @@ from amvlm_monai.checkpoint import atomic_save, clean_stale_tmp, plain_config
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
 __all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel", "PseudoLabelQuality",
-           "PanelSampler", "render_panels", "SavePanels", "TensorBoardHandler", "mlflow_is_not_rank0", "TrackingOutputs"]
+           "PanelSampler", "render_panels", "SavePanels", "TensorBoardHandler", "mlflow_is_not_rank0", "TrackingOutputs",
+           "as_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +333,14 @@ class PseudoLabelQuality:
                 if new:
                     writer.writeheader()
                 writer.writerow({"epoch": engine.state.epoch, **scores})
+
+
+def as_handler(handler: Any) -> Any:
+    """``handler`` itself. A bundle's handler list names a handler defined elsewhere in the config (one object that
+    other items refer to, e.g. the model selection kept in the resumable state) as ``{"_target_":
+    "amvlm_monai.handlers.as_handler", "handler": "@best_model"}``: MONAI's ``check_properties`` reads the
+    ``_target_`` of every entry of ``train#handlers``, so a bare ``"@best_model"`` entry breaks it."""
+    return handler
 
 
 def _finite(x: float) -> float:

@@ -266,13 +266,13 @@ def test_check_properties_of_train_and_inference_configs(bundle, demo_data, stag
                   logging_file=str(bundle / "configs" / "logging.conf"), bundle_root=str(tmp_path))
     train = ConfigWorkflow(workflow_type="train", config_file=str(bundle / "configs" / "train.json"),
                            dataset_dir=str(demo_data), pretrained_path=str(stage1_checkpoint),
-                           **dict(TINY_OVERRIDES, unet_size="$None" if TINY_OVERRIDES["unet_size"] is None
-                                  else TINY_OVERRIDES["unet_size"]), **common)
+                           **TINY_OVERRIDES, **common)
     train.initialize()
     assert train.check_properties() == []
     images = demo_data.parent / "raw" / "Test_Folder" / "img"
+    settings = dict(image_size=32, in_channels=1, out_channels=1, multiclass=False, unet_size="light", threshold=0.5)
     infer = ConfigWorkflow(workflow_type="infer", config_file=str(bundle / "configs" / "inference.json"),
-                           dataset_dir=str(images), image_glob="*.png", **common)
+                           dataset_dir=str(images), image_glob=["*.png"], **settings, **common)  # no model_info.json
     infer.initialize()
     assert infer.check_properties() == []
     assert infer.parser.get_parsed_content("input_dir") == str(images)  # --dataset_dir is the images' folder

@@ -14,7 +14,7 @@ import torch
 
 from test_bundle import QATA, SCHEMA, TINY_OVERRIDES, _run
 
-SETTINGS = {"image_size": 32, "unet_size": TINY_OVERRIDES["unet_size"]}
+NETWORK = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "size": TINY_OVERRIDES["unet_size"]}
 METRICS = {"val_mean_dice": 0.625, "val_mean_iou": 0.5}
 
 CHECKS = r"""
@@ -64,16 +64,16 @@ def exported(tmp_path_factory):
 
     from amvlm_monai.export import export_bundle
 
+    from amvlm_monai.model_info import make_model_info, write_model_info
+    from amvlm_monai.networks.segmentation import build_segmentation_net
+
     work = tmp_path_factory.mktemp("export")
-    parser = ConfigParser()
-    parser.read_config(str(QATA / "configs" / "inference.json"))
-    for key, value in SETTINGS.items():
-        parser[key] = value
     torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
+    net = build_segmentation_net(**NETWORK)
     models = work / "run" / "models"
     models.mkdir(parents=True)
     torch.save(net.state_dict(), models / "model.pt")
+    write_model_info(models / "model_info.json", make_model_info(NETWORK, image_size=32))  # as training writes it
     # the evaluation output as the 'evaluating' workflow's MetricsSaver writes it
     from ignite.engine import Events
 
@@ -81,7 +81,7 @@ def exported(tmp_path_factory):
     engine.add_event_handler(Events.STARTED, lambda e: e.state.metrics.update(METRICS))
     MetricsSaver(str(work / "run" / "eval"), metrics=list(METRICS)).attach(engine)
     engine.run([0], max_epochs=1)
-    written = export_bundle(QATA.name, models, work / "dist", overrides=SETTINGS)
+    written = export_bundle(QATA.name, models, work / "dist")  # the settings come from model_info.json
     return {"work": work, "net": net.eval(), **written}
 
 
@@ -98,7 +98,8 @@ def test_export_layout_metadata_and_zip(exported):
         assert importlib.metadata.version(dist) == version, dist
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
     infer = json.loads((b / "configs" / "inference.json").read_text())
-    assert infer["network_def"]["_target_"] == "UNet" and infer["image_size"] == 32
+    assert infer["network_def"]["_target_"] == "UNet" and infer["image_size"] in (32, [32, 32])
+    assert (b / "models" / "model_info.json").is_file()
     for path in (b / "configs").rglob("*.json"):
         text = path.read_text().replace("scripts.amvlm_monai.", "")
         assert "amvlm_monai." not in text, path
@@ -151,8 +152,9 @@ def test_exported_bundle_runs_without_the_package(exported, demo_data, tmp_path)
     shutil.copytree(QATA, here, ignore=shutil.ignore_patterns("models", "eval", "predictions"))
     (here / "models").mkdir()
     shutil.copy(exported["folder"] / "models" / "model.pt", here / "models" / "model.pt")
+    shutil.copy(exported["folder"] / "models" / "model_info.json", here / "models" / "model_info.json")
     _run(here, "inferring", ["inference.json"], input_dir=str(images), output_masks_dir=str(tmp_path / "pred_repo"),
-         num_workers=0, **{k: "$None" if v is None else v for k, v in SETTINGS.items()})  # run() drops None
+         num_workers=0)
     theirs = sorted((out / "pred").glob("*.png"))
     ours = sorted((tmp_path / "pred_repo").glob("*.png"))
     assert [p.name for p in theirs] == [p.name for p in ours] and len(theirs) == 3
@@ -169,7 +171,7 @@ def test_export_refuses_weights_of_other_settings_and_missing_evaluation(exporte
     with pytest.raises(ValueError, match="used by no config.*imgae_size"):
         export_bundle(QATA.name, models, tmp_path / "b", overrides={"imgae_size": 32})
     with pytest.raises(FileNotFoundError, match="no evaluation results"):
-        export_bundle(QATA.name, models, tmp_path / "c", eval_dir=tmp_path, overrides=SETTINGS)
+        export_bundle(QATA.name, models, tmp_path / "c", eval_dir=tmp_path)
 
 
 def test_monai_network_def_records_the_constructor_call():
