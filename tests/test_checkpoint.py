@@ -70,7 +70,12 @@ def test_every_entry_point_refuses_a_crafted_checkpoint_without_running_it(evil,
         uncertainty.main(["--checkpoint", str(path), "--image", "x.png", "--reports", "a", "b"])
     assert refused in capsys.readouterr().err
     with pytest.raises(SystemExit):  # python -m amvlm_monai.inference.volume --model ...
-        volume.main(["--model", str(path), "--input", "x.nii.gz", "--output", str(tmp_path / "out")])
+        import nibabel as nib
+        import numpy as np
+
+        volume_file = tmp_path / "x.nii.gz"  # a real input: the command checks its inputs before the model
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)), str(volume_file))
+        volume.main(["--model", str(path), "--input", str(volume_file), "--output", str(tmp_path / "out")])
     assert refused in capsys.readouterr().err
     loader = LoadModel(load_path=str(path), network=torch.nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match=refused):  # the evaluation and inference bundles' loader

@@ -3,7 +3,7 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
-from amvlm_monai.data.describe import describe_mask
+from amvlm_monai.data.describe import LUNG_PARAPHRASES, describe_mask, find_regions, number_word
 from data_prep.demo_data import main, make_case, make_demo_dataset
 
 FOLDERS = {
@@ -37,8 +37,32 @@ def test_layout_names_columns_and_text(demo):
             assert image.mode == "L" and mask.mode == "L" and image.size == mask.size == (48, 48)
             m = np.asarray(mask)
             assert set(np.unique(m).tolist()) <= {0, 255}
-            assert text == describe_mask(m)
+            # the report states the mask's facts in a wording drawn by the image's own generator, after the image
+            split = list(FOLDERS).index(folder)
+            rng = np.random.default_rng([0, split, int(mask_name.split("_")[-1][:4])])
+            make_case(rng, 48)
+            assert text == describe_mask(m, rng=rng)
+            regions = find_regions(m)
+            if regions:
+                assert number_word(len(regions)) in text.lower()
+            else:
+                assert text in LUNG_PARAPHRASES["empty"]
             assert len(np.unique(np.asarray(image))) > 20  # a real image, not a constant
+
+
+def test_reports_vary_in_wording_but_not_in_facts():
+    m = np.zeros((64, 64), np.uint8)
+    m[8:14, 44:50] = 1  # patient's upper left, small
+    m[44:60, 6:20] = 1  # patient's lower right, large
+    rng = np.random.default_rng(0)
+    texts = {describe_mask(m, rng=rng) for _ in range(40)}
+    assert len(texts) > 20  # varied wording
+    for t in texts:
+        low = t.lower()
+        assert "two" in low and "upper" in low and "lower" in low and "left" in low and "right" in low
+        assert low.index("left") < low.index("right")  # the patient's left region is listed first
+    assert describe_mask(m) == describe_mask(m)  # without a generator: the one fixed sentence
+    assert len({describe_mask(np.zeros((8, 8)), rng=rng) for _ in range(40)}) == len(LUNG_PARAPHRASES["empty"])
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, demo):
