@@ -164,11 +164,15 @@ class MeanTeacherTrainer(SupervisedTrainer):
             engine.guidance.train()
         terms: dict[str, torch.Tensor] = {}
         with autocast(device, engine.use_amp):
-            logits = engine.network(x_all)
-            terms["sup"] = engine.loss_function(logits[:n_l], y_l if engine.multiclass else y_l.float()).mean()
+            # labelled and unlabelled images go through the student separately: in one batch, BatchNorm would couple
+            # them, and the supervised loss learns to exploit the unlabelled images' share of the batch statistics
+            # (measured: the student's eval-mode foreground drifts from 2 % to 30 %, even with no consistency loss)
+            logits = engine.network(x_l)
+            terms["sup"] = engine.loss_function(logits, y_l if engine.multiclass else y_l.float()).mean()
             loss = terms["sup"]
             if unl is not None:
-                x_u, logits_u = x_all[n_l:], logits[n_l:]
+                x_u = x_all[n_l:]
+                logits_u = engine.network(x_u)
                 noise = (torch.randn_like(x_u) * engine.teacher_noise).clamp(-2 * engine.teacher_noise,
                                                                               2 * engine.teacher_noise)
                 if engine.teacher_bn == "batch":
