@@ -183,3 +183,19 @@ def test_pretraining_param_groups_give_the_text_encoder_its_own_rate(tiny_amvlm)
     listed = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in tiny_amvlm.parameters() if p.requires_grad]
     assert sorted(listed) == sorted(trainable) and len(set(listed)) == len(listed)
+
+
+def test_a_conv_stem_checkpoint_loads_back_with_its_stem(tmp_path):
+    from conftest import TINY
+
+    from amvlm_monai.handlers import save_pretrained
+    from amvlm_monai.networks.amvlm import AMVLM, load_amvlm
+
+    torch.manual_seed(0)
+    model = AMVLM(**TINY, patch_embed="conv").eval()
+    save_pretrained(str(tmp_path / "a.pt"), model)
+    loaded = load_amvlm(tmp_path / "a.pt").eval()
+    assert loaded.config["patch_embed"] == "conv"
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x).tokens, model.encode_image(x).tokens)

@@ -184,3 +184,30 @@ def test_timm_checkpoint_wrappers():
         assert torch.equal(dst(x).cls, src(x).cls)
     with pytest.raises(TypeError):
         src.load_timm_state_dict([1, 2])
+
+
+def test_conv_stem_gives_the_same_token_grid():
+    from amvlm_monai.networks.vit import _ConvStem
+
+    enc = ViTEncoder(img_size=32, patch_size=8, in_channels=1, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64,
+                     patch_embed="conv")
+    assert isinstance(enc.patch_embed, _ConvStem)
+    convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)]  # log2(8) stride-2 layers, then 1x1
+    assert [c.out_channels for c in convs] == [8, 16, 32, 32]
+    out = enc(torch.rand(2, 1, 32, 32))
+    assert out.tokens.shape == (2, 16, 32) and enc.grid_size == (4, 4)
+    # a token sees only its own patch's neighbourhood: changing the top-left corner leaves far tokens alone
+    x = torch.rand(1, 1, 32, 32)
+    y = x.clone()
+    y[..., :4, :4] += 1
+    enc.eval()
+    with torch.no_grad():
+        a, b = enc.patch_embed(x), enc.patch_embed(y)
+    assert not torch.allclose(a[0, 0], b[0, 0]) and torch.allclose(a[0, -1], b[0, -1])
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTEncoder(img_size=24, patch_size=6, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64,
+                   patch_embed="conv")
+    with pytest.raises(ValueError, match="patch_embed"):
+        ViTEncoder(img_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64,
+                   patch_embed="mlp")

@@ -55,13 +55,16 @@ class AMVLM(nn.Module):
         qkv_projections: Q/K/V projections in the CSS cross-attention (False: the authors' projection-free form).
         pdt_heads: attention heads of the PDT.
         with_momentum: build the momentum copies (not needed when ICL is off, or in stage 2).
+        patch_embed: the ViT's tokeniser, ``"linear"`` (patch projection, the paper's ViT with DeiT weights) or
+            ``"conv"`` (a convolutional stem, for training from scratch on little data; the CPU demo uses it).
     """
 
     def __init__(self, image_size: int | Sequence[int] = 224, in_channels: int = 1, patch_size: int = 16,
                  vit_width: int = 768, vit_depth: int = 12, vit_heads: int = 12, vit_mlp: int = 3072,
                  text_model: Optional[str] = None, text_layers: Optional[int] = 6, max_words: int = 20,
                  embed_dim: int = 128, head_hidden: int = 2048, momentum: float = 0.995,
-                 qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True) -> None:
+                 qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True,
+                 patch_embed: str = "linear") -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
@@ -72,11 +75,11 @@ class AMVLM(nn.Module):
                            text_model=None if text_model is None else os.fspath(text_model),
                            text_layers=text_layers, max_words=max_words, embed_dim=embed_dim,
                            head_hidden=head_hidden, momentum=momentum, qkv_projections=qkv_projections,
-                           pdt_heads=pdt_heads, with_momentum=with_momentum)
+                           pdt_heads=pdt_heads, with_momentum=with_momentum, patch_embed=patch_embed)
         self.momentum = momentum
         self.image_encoder = ViTEncoder(img_size=image_size, patch_size=patch_size, in_channels=in_channels,
                                         hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
-                                        mlp_dim=vit_mlp)
+                                        mlp_dim=vit_mlp, patch_embed=patch_embed)
         self.text_encoder = TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers)
         d_img, d_txt = vit_width, self.text_encoder.hidden_size
         self.image_global = GlobalHead(d_img, embed_dim, head_hidden)
