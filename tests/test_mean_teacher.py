@@ -183,3 +183,50 @@ def test_text_mask_dice_diagnostic_by_hand():
     fg = torch.zeros(1, 2, 2, 2)
     fg[0, 0, 0, 0] = fg[0, 1, 0, 1] = 1.0
     assert math.isclose(float(_hard_dice(fg, idx, True)), 1.0)
+
+
+def _blobs(n, g):
+    """n 32 px images with 0-2 bright disks on noise, and the disks as labels."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        lab = torch.zeros(32, 32)
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            cy, cx = torch.randint(6, 26, (2,), generator=g).float()
+            r = 2 + 3 * torch.rand(1, generator=g)
+            lab = torch.maximum(lab, (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2).float())
+        images.append(lab * 0.8 + 0.5 * torch.randn(32, 32, generator=g))
+        labels.append(lab)
+    return torch.stack(images)[:, None], torch.stack(labels)[:, None]
+
+
+@pytest.mark.parametrize("teacher_bn", ["ema", "batch", "recompute"])
+def test_only_the_averaged_statistics_do_not_fit_the_teachers_weights(teacher_bn):
+    """A tiny run: the teacher's running variance against the variance its own weights produce on the unlabelled
+    images. Averaging the student's statistics ("ema") overestimates it (the mechanism of the collapse to
+    background: every layer shrinks its activations); the teacher's own statistics fit."""
+    g = torch.Generator().manual_seed(0)
+    x_l, y_l = _blobs(8, g)
+    x_u, _ = _blobs(64, g)
+    labeled = [{"image": x_l, "label": y_l, "text": [""] * 8}]
+    unlabeled = [{"image": x_u[i:i + 8], "text": [""] * 8} for i in range(0, 64, 8)]
+    torch.manual_seed(0)
+    net = build_segmentation_net(channels=(8, 16, 32), strides=(2, 2))
+    teacher = make_teacher(net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    MeanTeacherTrainer("cpu", 5, labeled, net, opt, build_supervised_loss(), unlabeled_loader=unlabeled,
+                       teacher=teacher, consistency_loss=ConsistencyLoss(), consistency_max=0.1, rampup_epochs=1,
+                       teacher_bn=teacher_bn).run()
+    own = copy.deepcopy(teacher.module)
+    recompute_bn_statistics(own, [x_u], "cpu")
+    bns = [m for m in teacher.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    refs = [m for m in own.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ratios = torch.stack([(a.running_var / b.running_var).mean() for a, b in zip(bns, refs)])
+    with torch.no_grad():
+        gap = (torch.sigmoid(teacher(x_u)) - torch.sigmoid(own(x_u))).abs().mean()
+    if teacher_bn == "ema":
+        assert ratios.mean() > 1.4 and (ratios > 1.05).all(), ratios  # too large in every layer
+        assert gap > 0.025
+    else:
+        assert ((ratios > 0.8) & (ratios < 1.25)).all(), ratios
+        assert gap < 0.02
