@@ -185,6 +185,16 @@ def test_pretraining_param_groups_give_the_text_encoder_its_own_rate(tiny_amvlm)
     assert sorted(listed) == sorted(trainable) and len(set(listed)) == len(listed)
 
 
+def test_a_text_rate_of_zero_freezes_the_text_encoder_but_not_its_heads(tiny_amvlm):
+    from amvlm_monai.engines.step import param_groups
+
+    groups = param_groups(tiny_amvlm, lr=1e-3, text_lr=0)
+    assert len(groups) == 1 and not any(p.requires_grad for p in tiny_amvlm.text_encoder.parameters())
+    listed = {id(p) for p in groups[0]["params"]}
+    assert {id(p) for p in tiny_amvlm.text_global.parameters()} <= listed
+    assert not {id(p) for p in tiny_amvlm.text_encoder.parameters()} & listed
+
+
 def test_a_conv_stem_checkpoint_loads_back_with_its_stem(tmp_path):
     from conftest import TINY
 

@@ -91,6 +91,8 @@ def param_groups(model: torch.nn.Module, lr: float, text_lr: float, text_prefix:
     """
     text, rest = [], []
     for name, p in model.named_parameters():
+        if name.startswith(text_prefix) and text_lr == 0:
+            p.requires_grad_(False)  # a frozen text tower: no gradients, no optimiser state, no wasted backward
         if p.requires_grad:
             (text if name.startswith(text_prefix) else rest).append(p)
     groups = [{"params": rest, "lr": lr}]
