@@ -1,0 +1,66 @@
+"""Several processes: global negatives, synchronised BatchNorm, reduced metrics (gloo on CPU, two processes)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
+    """Stage 1 on 2 x 3 pairs under torchrun equals one process on the same 6 pairs: every logged term at every step,
+    and the weights after two steps (momentum copies and BatchNorm statistics included); both ranks end identical."""
+    sys.path.insert(0, str(HERE))
+    import ddp_pretrain_worker as w
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get(
+        "PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           str(HERE / "ddp_pretrain_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    single_out, single_state = w.run()
+    assert len(single_out) == w.STEPS
+    for step, expected in enumerate(single_out):
+        for r in ranks:
+            got = r["outputs"][step]
+            assert set(got) == set(expected)
+            for key, value in expected.items():
+                assert math.isclose(got[key], value, rel_tol=1e-9, abs_tol=1e-12), (step, key, got[key], value)
+    for key, value in single_state.items():
+        a, b = ranks[0]["state"][key], ranks[1]["state"][key]
+        assert torch.equal(a, b), key
+        if value.is_floating_point():
+            torch.testing.assert_close(a, value, rtol=1e-7, atol=1e-9, msg=key)  # float64 round-off
+        else:
+            assert torch.equal(a, value), key
+    assert any("momentum_" in k for k in single_state) and any("running_var" in k for k in single_state)
+
+
+def test_single_process_helpers_are_identities():
+    from amvlm_monai import distributed as d
+
+    x = torch.randn(3, 2, requires_grad=True)
+    y, offset = d.gather_with_grad(x)
+    assert y is x and offset == 0 and d.gather(x) is x and d.world_size() == 1 and d.is_main_process()
+    assert d.gather_rows(x) is x and d.gather_objects(["a"]) == ["a"] and d.main_process_only([1, 2]) == [1, 2]
+    assert float(d.mean_count(torch.tensor(5))) == 5.0
+    bn = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4))
+    assert d.sync_batchnorm(bn) is bn and type(bn[1]) is torch.nn.BatchNorm1d  # nothing to synchronise
+
+
+def test_sync_batchnorm_module_matches_batchnorm_without_a_group():
+    from amvlm_monai.distributed import SyncBatchNorm
+
+    torch.manual_seed(0)
+    ref, syn = torch.nn.BatchNorm1d(4), SyncBatchNorm(4)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(syn(x), ref(x))  # no process group: plain BatchNorm1d
+    torch.testing.assert_close(syn.running_var, ref.running_var)
