@@ -117,6 +117,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 for tensors whose first dimension differs between ranks (e.g. per-image scores)."""
     if not is_distributed():
         return x
+    if x.dtype == torch.bool:  # not every backend reduces bools
+        return gather_rows(x.to(torch.uint8)).bool()
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)

@@ -1,6 +1,7 @@
-"""Stage-1 steps of a tiny AMVLM, in one process or as one rank of ``torchrun`` (used by test_distributed.py).
+"""Jobs run in one process or as one rank of ``torchrun`` (used by test_distributed.py).
 
-    torchrun --nproc_per_node=2 tests/ddp_pretrain_worker.py OUT_DIR   # each rank writes OUT_DIR/rank{r}.pt
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT_DIR pretrain  # each rank: OUT_DIR/rank{r}.pt
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT_DIR metric
 """
 
 from __future__ import annotations
@@ -70,14 +71,36 @@ def run(rank: int = 0, world: int = 1) -> tuple[list[dict], dict]:
     return outputs, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def predictions() -> tuple[torch.Tensor, torch.Tensor]:
+    """5 images' logits and labels (16 x 16) with different Dice each."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 1, 16, 16, generator=g), (torch.rand(5, 1, 16, 16, generator=g) > 0.5).float()
+
+
+def metric(rank: int = 0, world: int = 1) -> float:
+    """The validation Dice of SegmentationMetric over this rank's shard (images rank, rank + world, ...)."""
+    from amvlm_monai.handlers import SegmentationMetric
+
+    pred, label = predictions()
+    m = SegmentationMetric("dice", output_transform=lambda out: out)
+    m.reset()
+    for i in range(rank, pred.shape[0], world):  # unequal shards: 3 and 2 images
+        m.update((pred[i: i + 1], label[i: i + 1], [f"img{i}"]))
+    return m.compute()
+
+
 def main() -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        outputs, state = run(dist.get_rank(), dist.get_world_size())
-        torch.save({"outputs": outputs, "state": state}, os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
+        if sys.argv[2] == "pretrain":
+            outputs, state = run(dist.get_rank(), dist.get_world_size())
+            result = {"outputs": outputs, "state": state}
+        else:
+            result = {"dice": metric(dist.get_rank(), dist.get_world_size())}
+        torch.save(result, os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
     finally:
         dist.destroy_process_group()
 
