@@ -134,18 +134,18 @@ class OptimStep:
         """
         if self.grad_clip is None:
             return None
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
             return None
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.scaler is not None:  # non-finite norms are the scaler's business: it skips the step
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             return norm
         if not torch.isfinite(norm):
             raise FloatingPointError(f"non-finite gradient norm ({float(norm)}); lower the learning rate or check "
                                      "the inputs.")
         if self.grad_clip / (float(norm) + 1e-6) < 1.0:  # clip_grad_norm_'s factor, applied only when below 1
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
         return norm
 
     def __call__(self, loss: torch.Tensor) -> None:
