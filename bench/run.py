@@ -87,11 +87,12 @@ class Runner:
             raise RuntimeError(f"{side}: the worker imported amvlm_monai from {res.get('code')}, not {expected}.")
         res.update(side=side, job=job, args=list(args), load=load())
         self.log.append(res)
-        if self.verbose:
+        if self.verbose and "times" in res:
             times = " ".join(f"{x:.2f}" for x in res.get("times", []))
             cpu = " ".join(f"{x:.2f}" for x in res.get("cpu_times", []))
-            print(f"  [{side:4}] {job} {' '.join(args)}: {times} s/step (CPU {cpu}), peak {res.get('peak_gib', 0):.2f} GiB, "
-                  f"{time.perf_counter() - t:.0f} s, load {res['load']}", flush=True)
+            print(f"  [{side:4}] {job} {' '.join(args)}: {times} s/step (CPU {cpu}), "
+                  f"peak {res.get('peak_gib', 0):.2f} GiB, {time.perf_counter() - t:.0f} s, load {res['load']}",
+                  flush=True)
         return res
 
     def alternate(self, rounds: int, job: str, *args: str) -> dict[str, list[dict]]:
@@ -124,53 +125,61 @@ def ratio(a: float, b: float) -> str:
 
 
 def bench_stage1(r: Runner, configs: list[tuple[str, int]], rounds: int, steps: int) -> tuple[str, dict]:
+    """Rows per configuration and precision; with a baseline: its pairs/s and peak, and the ratios (wall-clock, and
+    process CPU time, which a busy machine disturbs less)."""
     rows, data = [], {}
     for config, batch in configs:
         common = ("--config", config, "--batch", str(batch), "--steps", str(steps))
         default = r.alternate(rounds, "stage1", *common, "--precision", "default")
         autocast = default["ours"][0]["autocast"]
-        fp32 = default if autocast == "float32" else None
-        if fp32 is None:  # ours autocasts by default: measure float32 as well (the baseline is float32 either way)
-            fp32 = r.alternate(rounds, "stage1", *common, "--precision", "fp32")
-        for precision, runs in (("float32", fp32), (f"default ({autocast})", default)):
-            if precision.startswith("default") and runs is fp32:
-                continue
-            ours = median_step(runs["ours"])
-            row = [f"{config} b{batch}", precision, f"{batch / ours:.2f}", f"{peak(runs['ours']):.2f}"]
+        measured = [("float32", default)] if autocast == "float32" else [
+            ("float32", r.alternate(rounds, "stage1", *common, "--precision", "fp32")),
+            (f"default ({autocast})", default)]  # the baseline is float32 on a CPU either way
+        for precision, runs in measured:
+            ours, ours_cpu, ours_peak = median_step(runs["ours"]), median_step(runs["ours"], "cpu_times"), peak(
+                runs["ours"])
+            name = precision if autocast != "float32" else "float32 (the default here)"
+            row = [f"{config} b{batch}", name, f"{batch / ours:.2f}", f"{ours_peak:.2f}"]
             key = f"{config}_b{batch}_{precision.split()[0]}"
-            data[key] = {"ours_s": ours, "ours_peak_gib": peak(runs["ours"])}
+            data[key] = {"ours_s": ours, "ours_cpu_s": ours_cpu, "ours_peak_gib": ours_peak}
             if "base" in runs:
-                base = median_step(runs["base"])
-                row += [f"{batch / base:.2f}", f"{peak(runs['base']):.2f}", ratio(base, ours),
-                        ratio(peak(runs["ours"]), peak(runs["base"]))]
-                data[key].update(base_s=base, base_peak_gib=peak(runs["base"]))
+                base, base_cpu, base_peak = median_step(runs["base"]), median_step(runs["base"], "cpu_times"), peak(
+                    runs["base"])
+                row += [f"{batch / base:.2f}", f"{base_peak:.2f}", ratio(base, ours), ratio(base_cpu, ours_cpu),
+                        ratio(ours_peak, base_peak)]
+                data[key].update(base_s=base, base_cpu_s=base_cpu, base_peak_gib=base_peak)
             rows.append(row)
     head = ["stage 1 (224 px)", "precision", "pairs/s", "peak GiB"]
     if "base" in r.roots:
-        head += ["base pairs/s", "base peak GiB", "speed", "memory"]
-    if "base" in r.roots:  # the baseline's default precision on CPU is float32: its row serves both
-        pass
+        head += ["base pairs/s", "base peak GiB", "speed (wall)", "speed (CPU time)", "memory"]
     return table(rows, head), data
 
 
 def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str) -> tuple[str, dict]:
+    """Supervised, Mean-Teacher and text-guided steps on the same U-Net and batch; the text branch's cost over the
+    plain Mean-Teacher step (time and peak memory) for each code."""
+    variants = (("supervised", "supervised (2 labelled)"), ("mt", "Mean-Teacher (2 + 2)"),
+                ("text", "text-guided Mean-Teacher (2 + 2)"))
     runs = {v: r.alternate(rounds, "stage2", "--variant", v, "--steps", str(steps), "--checkpoint", checkpoint)
-            for v in ("supervised", "mt", "text")}
+            for v, _ in variants}
     rows, data = [], {}
     for side in r.roots:
-        mt = median_step(runs["mt"][side])
-        mt_peak = peak(runs["mt"][side])
-        for v, name in (("supervised", "supervised (2 labelled)"), ("mt", "Mean-Teacher (2 + 2)"),
-                        ("text", "text-guided Mean-Teacher (2 + 2)")):
-            s = median_step(runs[v][side])
+        mt, mt_cpu, mt_peak = (median_step(runs["mt"][side]), median_step(runs["mt"][side], "cpu_times"),
+                               peak(runs["mt"][side]))
+        for v, name in variants:
+            s, c, p = median_step(runs[v][side]), median_step(runs[v][side], "cpu_times"), peak(runs[v][side])
             n = runs[v][side][0]["images"]
-            p = peak(runs[v][side])
-            rows.append([side, name, f"{s:.2f}", f"{n / s:.2f}", f"{s / mt:.2f}x", f"{s - mt:+.2f}",
-                         f"{p:.2f}", f"{p - mt_peak:+.2f}"])
-            data[f"{side}_{v}"] = {"s": s, "images_per_s": n / s, "peak_gib": p}
-    head = ["code", "stage 2 step (224 px, ViT-B/16 text tower)", "s/step", "images/s", "vs MT", "s over MT",
-            "peak GiB", "GiB over MT"]
-    return table(rows, head), data
+            rows.append([side, name, f"{s:.2f}", f"{n / s:.2f}", f"{s / mt:.2f}x", f"{c / mt_cpu:.2f}x",
+                         f"{s - mt:+.2f}", f"{p:.2f}", f"{p - mt_peak:+.2f}"])
+            data[f"{side}_{v}"] = {"s": s, "cpu_s": c, "images_per_s": n / s, "peak_gib": p}
+    head = ["code", "stage 2 step (224 px, ViT-B/16 text tower)", "s/step", "images/s", "vs MT (wall)",
+            "vs MT (CPU)", "s over MT", "peak GiB", "GiB over MT"]
+    text = table(rows, head)
+    if "base" in r.roots:
+        o, b = data["ours_text"], data["base_text"]
+        text += (f"\ntext-guided step, ours vs base: {ratio(b['s'], o['s'])} faster (wall), "
+                 f"{ratio(b['cpu_s'], o['cpu_s'])} (CPU time); peak memory {ratio(o['peak_gib'], b['peak_gib'])}")
+    return text, data
 
 
 def main() -> None:
@@ -205,7 +214,8 @@ def main() -> None:
         print(f"baseline: {r.roots['base']} (alternated with the working tree {ROOT}, {rounds} round(s))", flush=True)
     need_ckpt = "stage2" in sections
     if need_ckpt or ("stage1" in sections and not a.quick):
-        print("preparing assets (random-init BERT 768x6, ViT-B/16 stage-1 checkpoint; once per --assets)...", flush=True)
+        print("preparing assets (random-init BERT 768x6, ViT-B/16 stage-1 checkpoint; once per --assets)...",
+              flush=True)
         info = r.run("ours", "assets")
         results["assets"] = info
     if "stage1" in sections:

@@ -113,9 +113,11 @@ def make_assets(assets: Path) -> dict:
         # what pretraining writes: model (momentum copies included), config and the Adam state
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-5)
         for p in opt.param_groups[0]["params"]:
-            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": torch.zeros_like(p)}
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "config": model.config, "optimizer": opt.state_dict(), "epoch": 1}, tmp)
+        state = {"model": model.state_dict(), "config": model.config, "optimizer": opt.state_dict(), "epoch": 1}
+        torch.save(state, tmp)
         os.replace(tmp, ckpt)
     return {"bert": str(bert), "checkpoint": str(ckpt), "checkpoint_gib": ckpt.stat().st_size / 2**30}
 
