@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main_process", "gather_with_grad", "gather", "global_mean",
-           "mean_count", "gather_rows", "gather_objects", "SyncBatchNorm", "sync_batchnorm", "main_process_only",
-           "AverageBuffers"]
+           "mean_count", "gather_rows", "gather_objects", "SyncBatchNorm", "sync_batchnorm", "AverageBuffers"]
 
 
 def is_distributed() -> bool:
@@ -212,11 +211,6 @@ def _replace_batchnorm(module: nn.Module) -> None:
             setattr(module, name, new)
         else:
             _replace_batchnorm(child)
-
-
-def main_process_only(items: Optional[Sequence[Any]]) -> list:
-    """``items`` on rank 0 (or in a single process), ``[]`` on the other ranks: e.g. handlers that write files."""
-    return list(items or []) if is_main_process() else []
 
 
 class AverageBuffers:
