@@ -188,6 +188,7 @@ def stage2(variant: str, n_lab: int, n_unl: int, size: int, steps: int, warmup: 
     parser["train#unlabeled_dataloader"] = "$@bench_unlabeled if @use_unlabeled else None"
     parser["train#handlers"] = []
     parser["train#trainer#max_epochs"] = 1
+    parser["epoch_length"] = n
     parser.parse()
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")
