@@ -10,8 +10,9 @@ Prints:
    configuration (ViT-B/16 + BERT 768x6 at batch 4 and 8, ViT 384x6 + MiniLM 384x6 at batch 8, all at 224 px),
    in float32 and in the precision the bundle uses by default (bfloat16 autocast where the CPU or GPU computes it
    natively);
-2. stage 2 (training step, 2 labelled + 2 unlabelled images at 224 px, the bundle's U-Net, a ViT-B/16 stage-1
-   checkpoint): images/s of supervised, Mean-Teacher and text-guided Mean-Teacher, as ratios, and peak memory;
+2. stage 2 (training step, 2 labelled + 2 unlabelled images at 224 px, a ViT-B/16 stage-1 checkpoint; the bundle's
+   U-Net and the light CPU U-Net, which is also the same network in older code): images/s of supervised,
+   Mean-Teacher and text-guided Mean-Teacher, as ratios, the seconds spent in the text guidance, and peak memory;
 3. inference: images/s of the U-Net and seconds per volume (256 x 256 x 24 NIfTI, slice by slice);
 4. data loading: images/s of the stage-2 transform chain (PNG files) against the images/s training consumes;
 5. the machine (CPU, cores, threads, load average before and after).
@@ -155,13 +156,13 @@ def bench_stage1(r: Runner, configs: list[tuple[str, int]], rounds: int, steps: 
     return table(rows, head), data
 
 
-def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str) -> tuple[str, dict]:
+def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str, unet: str = "default") -> tuple[str, dict]:
     """Supervised, Mean-Teacher and text-guided steps on the same U-Net and batch; the text branch's cost over the
     plain Mean-Teacher step (time and peak memory) for each code."""
     variants = (("supervised", "supervised (2 labelled)"), ("mt", "Mean-Teacher (2 + 2)"),
                 ("text", "text-guided Mean-Teacher (2 + 2)"))
-    runs = {v: r.alternate(rounds, "stage2", "--variant", v, "--steps", str(steps), "--checkpoint", checkpoint)
-            for v, _ in variants}
+    runs = {v: r.alternate(rounds, "stage2", "--variant", v, "--steps", str(steps), "--checkpoint", checkpoint,
+                           "--unet", unet) for v, _ in variants}
     rows, data = [], {}
     for side in r.roots:
         mt, mt_cpu, mt_peak = (median_step(runs["mt"][side]), median_step(runs["mt"][side], "cpu_times"),
@@ -169,11 +170,14 @@ def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str) -> tuple[s
         for v, name in variants:
             s, c, p = median_step(runs[v][side]), median_step(runs[v][side], "cpu_times"), peak(runs[v][side])
             n = runs[v][side][0]["images"]
+            g = [t for run in runs[v][side] for t in run.get("guidance_times", [])]
+            guided = f"{statistics.median(g):.2f}" if g else ""
             rows.append([side, name, f"{s:.2f}", f"{n / s:.2f}", f"{s / mt:.2f}x", f"{c / mt_cpu:.2f}x",
-                         f"{s - mt:+.2f}", f"{p:.2f}", f"{p - mt_peak:+.2f}"])
-            data[f"{side}_{v}"] = {"s": s, "cpu_s": c, "images_per_s": n / s, "peak_gib": p}
-    head = ["code", "stage 2 step (224 px, ViT-B/16 text tower)", "s/step", "images/s", "vs MT (wall)",
-            "vs MT (CPU)", "s over MT", "peak GiB", "GiB over MT"]
+                         f"{s - mt:+.2f}", guided, f"{p:.2f}", f"{p - mt_peak:+.2f}"])
+            data[f"{side}_{v}"] = {"s": s, "cpu_s": c, "images_per_s": n / s, "peak_gib": p,
+                                   "guidance_s": statistics.median(g) if g else None}
+    head = ["code", f"stage 2 step (224 px, {unet} U-Net, ViT-B/16 text tower)", "s/step", "images/s",
+            "vs MT (wall)", "vs MT (CPU)", "s over MT", "in guidance (s)", "peak GiB", "GiB over MT"]
     text = table(rows, head)
     if "base" in r.roots:
         o, b = data["ours_text"], data["base_text"]
@@ -194,6 +198,9 @@ def main() -> None:
     ap.add_argument("--assets", default=os.path.join(tempfile.gettempdir(), "amvlm_bench_assets"),
                     help="where the random-init BERT 768x6 and the ViT-B/16 stage-1 checkpoint are kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--unet", nargs="+", choices=["default", "light"], default=None,
+                    help="stage-2 U-Nets: the bundle's default and/or the light CPU one (16..256 channels, the same "
+                         "network in older code); default both, --quick light only")
     ap.add_argument("--json", default=None, help="write every measurement to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-run lines")
     a = ap.parse_args()
@@ -201,6 +208,7 @@ def main() -> None:
     rounds = a.rounds or 1
     steps = a.steps or (2 if a.quick else 3)
     sections = set(a.sections.split(","))
+    a.unet = a.unet or (["light"] if a.quick else ["default", "light"])
     assets = Path(a.assets)
     assets.mkdir(parents=True, exist_ok=True)
     r = Runner(a.base, assets, threads, verbose=not a.quiet)
@@ -224,9 +232,11 @@ def main() -> None:
         out.append("Stage 1, pretraining step (Adam, clipping, momentum update included):\n" + text)
         print(out[-1], flush=True)
     if "stage2" in sections:
-        text, results["stage2"] = bench_stage2(r, rounds, steps, results["assets"]["checkpoint"])
-        out.append("Stage 2, training step (the bundle's default precision):\n" + text)
-        print(out[-1], flush=True)
+        for unet in a.unet:
+            text, results[f"stage2_{unet}"] = bench_stage2(r, rounds, steps, results["assets"]["checkpoint"], unet)
+            out.append(f"Stage 2, training step ({unet} U-Net, the bundle's default precision; 'in guidance': "
+                       "seconds per step inside the text guidance's forward calls):\n" + text)
+            print(out[-1], flush=True)
     if "infer" in sections:
         res = r.run("ours", "infer", "--batch", "8", "--steps", "2" if a.quick else "3",
                     "--volumes", "1" if a.quick else "2")
@@ -240,7 +250,7 @@ def main() -> None:
         res = r.run("ours", "data", "--batch", "4" if a.quick else "8", "--workers", "0")
         results["data"] = res
         line = f"Data loading: {res['images_per_s']:.1f} images/s (stage-2 transforms, 512 px PNG -> 224 px, 1 process)"
-        train = results.get("stage2", {}).get("ours_text")
+        train = results.get("stage2_default", results.get("stage2_light", {})).get("ours_text")
         if train:
             line += (f"; training consumes {train['images_per_s']:.2f} images/s (text-guided step): loading is "
                      f"{res['images_per_s'] / train['images_per_s']:.0f}x faster than needed")

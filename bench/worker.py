@@ -160,9 +160,35 @@ def stage1(config: str, batch: int, steps: int, warmup: int, precision: str, ass
 
 
 # ---- stage 2 ---------------------------------------------------------------------------------------------------------
+def _light_unet_name() -> str | None:
+    """The measured code's name of the small CPU U-Net (16..256 channels): ``"light"``, or None in older code."""
+    from amvlm_monai.networks import segmentation
+
+    return "light" if "light" in getattr(segmentation, "_SIZES", ()) else None
+
+
+def _time_calls(obj, names: tuple[str, ...], spent: list[float]) -> None:
+    """Add the seconds spent in ``obj.<name>(...)`` calls to ``spent[-1]`` (the current step)."""
+    for name in names:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            continue
+
+        def timed(*args, _fn=fn, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[-1] += time.perf_counter() - t
+
+        setattr(obj, name, timed)
+
+
 def stage2(variant: str, n_lab: int, n_unl: int, size: int, steps: int, warmup: int, precision: str,
-           assets: Path, checkpoint: str | None) -> dict:
+           assets: Path, checkpoint: str | None, unet: str = "default") -> dict:
     parser = template("train.json")
+    if unet == "light":
+        parser["unet_size"] = _light_unet_name()
     parser["device"] = "$torch.device('cpu')"
     parser["image_size"] = size
     parser["batch_size"] = n_lab
@@ -193,9 +219,16 @@ def stage2(variant: str, n_lab: int, n_unl: int, size: int, steps: int, warmup: 
     torch.manual_seed(0)
     trainer = parser.get_parsed_content("train#trainer")
     times, cpu = step_timer(trainer, warmup)
+    guidance: list[float] = []  # seconds per step inside the text guidance's forward calls (masks, L_tg)
+    if getattr(trainer, "guidance", None) is not None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: guidance.append(0.0))
+        _time_calls(trainer.guidance, ("forward", "masks"), guidance)
     trainer.run()
     images = n_lab + (n_unl if variant != "supervised" else 0)
-    return {"times": times, "cpu_times": cpu, "peak_gib": peak_gib(), "images": images}
+    return {"times": times, "cpu_times": cpu, "peak_gib": peak_gib(), "images": images,
+            "guidance_times": guidance[warmup:]}
 
 
 # ---- inference -------------------------------------------------------------------------------------------------------
@@ -275,6 +308,7 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=2)
     ap.add_argument("--unlabeled", type=int, default=2)
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--unet", choices=["default", "light"], default="default")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--volumes", type=int, default=2)
@@ -288,7 +322,8 @@ def main() -> None:
     elif a.job == "stage1":
         res = stage1(a.config, a.batch, a.steps, a.warmup, a.precision, assets)
     elif a.job == "stage2":
-        res = stage2(a.variant, a.labeled, a.unlabeled, a.size, a.steps, a.warmup, a.precision, assets, a.checkpoint)
+        res = stage2(a.variant, a.labeled, a.unlabeled, a.size, a.steps, a.warmup, a.precision, assets, a.checkpoint,
+                     a.unet)
     elif a.job == "infer":
         res = infer(a.size, a.batch, a.steps, a.volumes, depth=24)
     else:
