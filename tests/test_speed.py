@@ -85,6 +85,12 @@ def test_load_parts_reads_only_what_stage2_uses(tiny_amvlm, tmp_path):
     torch.testing.assert_close(part.text_embeddings(REPORTS), tiny_amvlm.text_embeddings(REPORTS))
     with pytest.raises(ValueError, match="unknown parts"):
         load_amvlm(path, parts=("image_encoder", "decoder"))
+    assert all(not p.is_meta for p in load_amvlm(path, parts=("image_encoder", "image_local")).parameters())
+    legacy = tmp_path / "legacy.pt"  # the old serialisation cannot be memory-mapped: read whole
+    torch.save({"model": tiny_amvlm.state_dict(), "config": tiny_amvlm.config}, legacy,
+               _use_new_zipfile_serialization=False)
+    torch.testing.assert_close(load_amvlm(legacy, parts=STAGE2_PARTS).eval().patch_embeddings(x),
+                               tiny_amvlm.patch_embeddings(x))
 
 
 def test_guidance_with_known_reports_keeps_no_text_tower(tiny_amvlm, tmp_path):

@@ -11,6 +11,7 @@ model is rebuilt without the pretraining config) and ``"epoch"``. It is read wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -222,8 +223,9 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                text_model: Optional[str] = None, parts: Optional[Sequence[str]] = None) -> AMVLM:
     """Rebuild a pretrained AMVLM from a stage-1 checkpoint (see the module docstring for its keys).
 
-    The file is memory-mapped (``torch.load(mmap=True)``): only the tensors of the built parts are ever read, so a
-    checkpoint with momentum copies and optimiser state costs no more memory than the parts loaded from it.
+    The file is memory-mapped (``torch.load(mmap=True)``) and the model takes its tensors as they are
+    (``load_state_dict(assign=True)``): only the pages of the built parts are ever read, when they are first used, so
+    a checkpoint with momentum copies and optimiser state costs no more memory than the parts loaded from it.
 
     Args:
         path: the checkpoint file.
@@ -237,7 +239,9 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
     try:  # weights_only: a crafted file cannot run code; mmap: only the tensors of the built parts are read
         ckpt = load_checkpoint(path, map_location=map_location, mmap=True)
-    except CheckpointError:  # e.g. a legacy (non-zip) file cannot be memory-mapped
+    except CheckpointError as e:  # a legacy (non-zip) file cannot be memory-mapped: read it whole
+        if "mmap" not in str(e):
+            raise
         ckpt = load_checkpoint(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -245,7 +249,12 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     config = dict(ckpt["config"], with_momentum=with_momentum)
     if text_model is not None:
         config["text_model"] = text_model
-    model = AMVLM(**config, parts=parts)
+    # Parts without the text tower are built on the meta device (no memory, no random initialisation) and then take
+    # the checkpoint's memory-mapped tensors as they are (assign=True): the file's pages are read as they are used.
+    # The text tower loads its BERT folder first, so it is built normally; its weights are then replaced the same way.
+    on_meta = parts is not None and "text_encoder" not in parts
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = AMVLM(**config, parts=parts)
     wanted = set(model.state_dict())
     state = {k: v for k, v in ckpt["model"].items() if k in wanted}  # only these pages of the file are read
     skipped = ("momentum_",) if not with_momentum else ()
@@ -254,6 +263,9 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     missing = sorted(wanted - set(state))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}.")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: no values for {left} (built on the meta device).")
     del state, ckpt
     return model
