@@ -1,7 +1,8 @@
 """Benchmarks of amvlm-monai on this machine, each measurement in a fresh process (bench/worker.py).
 
     python bench/run.py                        # the working tree: everything below (a few minutes on 2 cores)
-    python bench/run.py --quick                # small stage-1 configuration, fewer steps (about a minute or two)
+    python bench/run.py --quick                # small configurations only, fewer steps (a few minutes)
+    python bench/run.py --threads 1            # on a busy machine: two threads there mostly measure waiting
     python bench/run.py --base ../amvlm-base   # also a baseline checkout, alternated run by run, with ratios
     make bench BASE=../amvlm-base              # the same through make
 
