@@ -224,7 +224,7 @@ def stage2(variant: str, n_lab: int, n_unl: int, size: int, steps: int, warmup: 
         from ignite.engine import Events
 
         trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: guidance.append(0.0))
-        _time_calls(trainer.guidance, ("forward", "masks"), guidance)
+        _time_calls(trainer.guidance, ("forward", "text_masks"), guidance)
     trainer.run()
     images = n_lab + (n_unl if variant != "supervised" else 0)
     return {"times": times, "cpu_times": cpu, "peak_gib": peak_gib(), "images": images,

@@ -103,9 +103,13 @@ def test_guidance_with_known_reports_keeps_no_text_tower(tiny_amvlm, tmp_path):
     assert not hasattr(lean.amvlm, "text_encoder") and hasattr(full.amvlm, "text_encoder")
     torch.testing.assert_close(lean.text_features(REPORTS[:3], "cpu"), full.text_features(REPORTS[:3], "cpu"))
     images = torch.randn(2, 1, 32, 32)
-    torch.testing.assert_close(lean.masks(images, REPORTS[:2]), full.masks(images, REPORTS[:2]))
+    torch.testing.assert_close(lean.text_masks(images, REPORTS[:2]), full.text_masks(images, REPORTS[:2]))
+    # a report that was not given is encoded by a text tower loaded for the occasion, then freed again
+    torch.testing.assert_close(lean.text_features([REPORTS[3]], "cpu"), full.text_features([REPORTS[3]], "cpu"))
+    assert not hasattr(lean.amvlm, "text_encoder")
+    lean.text_source = None
     with pytest.raises(ValueError, match="not encoded"):
-        lean.text_features([REPORTS[3]], "cpu")
+        lean.text_features(["Another report."], "cpu")
 
 
 def test_frozen_tower_in_bfloat16_agrees_with_float32(tiny_amvlm):

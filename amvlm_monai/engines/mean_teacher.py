@@ -192,7 +192,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 if engine.guidance is not None:
                     masks, tg = engine.guidance(x_u, list(unl["text"]))  # the frozen towers see unlabelled images only
                     if engine.diagnostic_interval and (engine.state.iteration - 1) % engine.diagnostic_interval == 0:
-                        masks_l = engine.guidance.masks(x_l, list(batchdata["text"]))
+                        masks_l = engine.guidance.text_masks(x_l, list(batchdata["text"]))
                         terms["text_mask_dice"] = _hard_dice(masks_l, y_l, engine.multiclass)
                     pseudo = engine.guidance.fuse(teacher_logits, masks.float(), engine.multiclass)
                     if tg is not None:

@@ -8,7 +8,7 @@ labels. The Mean-Teacher engine (:mod:`amvlm_monai.engines.mean_teacher`) calls 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -95,6 +95,7 @@ class TextGuidance(nn.Module):
         self.fusion_mode = fusion_mode
         self.class_prompts = list(class_prompts) if class_prompts else None
         self._cache: dict[str, torch.Tensor] = {}
+        self.text_source: Optional[Callable[[], nn.Module]] = None  # rebuilds a released text tower on demand
 
     def train(self, mode: bool = True) -> "TextGuidance":
         super().train(mode)
@@ -116,14 +117,22 @@ class TextGuidance(nn.Module):
         """(N,) reports -> (N, D) frozen global text embeddings, each distinct report encoded once."""
         new = sorted({t for t in texts if t not in self._cache})
         if new:
-            if not hasattr(self.amvlm, "text_encoder"):
+            if hasattr(self.amvlm, "text_encoder"):
+                self._cache.update(encode_reports(self.amvlm, new))
+            elif self.text_source is not None:  # released: load the text tower for these reports, then free it again
+                tower = self.text_source()
+                self._cache.update(encode_reports(tower, new))
+                del tower
+            else:
                 raise ValueError(f"report {new[0]!r} was not encoded before the text tower was released; pass every "
                                  "report of the data to build_text_guidance(reports=...) (or do not release it).")
-            self._cache.update(encode_reports(self.amvlm, new))
         return torch.stack([self._cache[t] for t in texts]).to(device)
 
-    def release_text_tower(self) -> None:
-        """Free the frozen text tower (its features are cached): afterwards only cached reports can be used."""
+    def release_text_tower(self, source: Optional[Callable[[], nn.Module]] = None) -> None:
+        """Free the frozen text tower (its features are cached). A report not cached afterwards is encoded by a tower
+        that ``source()`` builds for the occasion (an AMVLM with ``text_encoder`` and ``text_global``) and frees again;
+        without ``source`` it is an error."""
+        self.text_source = source
         for name in ("text_encoder", "text_global"):
             if hasattr(self.amvlm, name):
                 delattr(self.amvlm, name)
@@ -134,12 +143,6 @@ class TextGuidance(nn.Module):
             return self.text_features(texts, device).unsqueeze(1)
         shared = self.text_features(self.class_prompts, device)
         return shared.unsqueeze(0).expand(len(texts), -1, -1)
-
-    @torch.no_grad()
-    def masks(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Text masks (B, K, H, W) in [0, 1] without L_tg (e.g. for the text-mask Dice diagnostic)."""
-        low = self.generator.masks(self.generator.dense(images), self.prompts(texts, images.device))
-        return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, images: torch.Tensor, texts: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text masks and L_tg for a batch.
@@ -197,9 +200,9 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
         frozen_amp: precision of the frozen image tower, as ``amp`` of :func:`~amvlm_monai.engines.step.amp_dtype`:
             True keeps its weights in bfloat16 and runs it under bfloat16 autocast where the device computes
             bfloat16 natively, else float32; False: float32.
-        reports: every report the run will show the guidance (e.g. those of the training datalist): they are encoded
-            once here and the text tower is not kept in memory at all; None keeps the text tower and encodes
-            reports as they come.
+        reports: the reports the run will show the guidance (e.g. those of the datalist): they are encoded once here
+            and the text tower is not kept in memory; another report met later is encoded by a text tower loaded for
+            the occasion. None keeps the text tower and encodes reports as they come.
         Others: see :class:`TextGuidance`, :class:`~amvlm_monai.losses.text_guided.TextGuidedLoss` and
             :class:`~amvlm_monai.networks.mask_generator.TextMaskGenerator`.
     """
@@ -207,14 +210,15 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
     from amvlm_monai.losses.text_guided import TextGuidedLoss
     from amvlm_monai.networks.amvlm import STAGE2_PARTS, load_amvlm
 
+    def text_tower() -> nn.Module:
+        return load_amvlm(checkpoint, text_model=text_model, parts=("text_encoder", "text_global")).to(device)
+
     cache: dict[str, torch.Tensor] = {}
     if reports is not None:  # encode with a text-only model first, so that both towers are never in memory together
         texts = sorted(set(reports) | set(class_prompts or ()))
         if not texts:
             raise ValueError("reports is empty: give the reports of the training data, or None.")
-        text_only = load_amvlm(checkpoint, text_model=text_model, parts=("text_encoder", "text_global")).to(device)
-        cache = encode_reports(text_only, texts)
-        del text_only
+        cache = encode_reports(text_tower(), texts)
     parts = ("image_encoder", "image_local") if reports is not None else STAGE2_PARTS
     amvlm = load_amvlm(checkpoint, text_model=text_model, parts=parts)
     dtype = amp_dtype(device, frozen_amp)
@@ -229,4 +233,6 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
     tg = TextGuidedLoss(temperature=temperature, extended=extended) if use_tg else None
     guidance = TextGuidance(amvlm, generator, tg, tg_weight, fusion_lambda, fusion_mode, class_prompts)
     guidance._cache.update(cache)
+    if reports is not None:
+        guidance.release_text_tower(source=text_tower)  # a report met later (e.g. in pictures) still works
     return guidance.to(device)
