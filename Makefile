@@ -27,7 +27,7 @@ test: venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(BASE),--base $(BASE),) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from amvlm_monai.checkpoint import atomic_save, clean_stale_tmp, plain_config
+from amvlm_monai.distributed import gather_objects, gather_rows, is_distributed, is_main_process
 from amvlm_monai.metrics import binarize, segmentation_scores, write_scores_csv
 
 __all__ = ["SavePretrained", "save_pretrained", "SegmentationMetric", "SelectBestModel", "PseudoLabelQuality",
@@ -63,6 +64,8 @@ class SavePretrained:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if not _is_writer():  # under torchrun rank 0 alone writes
+            return
         save_pretrained(self.path, self.network, self.optimizer, engine.state.epoch)
 
 
@@ -82,7 +85,9 @@ class SegmentationMetric(Metric):
     Reads ``(pred, label)`` from the engine output: ``pred`` logits (B, C, H, W), ``label`` (B, 1, H, W) binary mask
     or class indices. Predictions are binarised (sigmoid > 0.5, or argmax for ``multiclass``); scores follow
     :func:`~amvlm_monai.metrics.segmentation_scores` (a class absent from both prediction and label scores 1).
-    With ``output_csv`` the per-image Dice and IoU and the file names are written when the metric is computed.
+    With ``output_csv`` the per-image Dice and IoU and the file names are written when the metric is computed. Under
+    ``torchrun`` each rank scores its shard of the data and ``compute`` gathers every rank's per-image scores first, so
+    all ranks return the same value (and rank 0 writes the CSV).
 
     Metrics:
         ``"dice"``, ``"iou"``: the paper's per-image means (absent from both scores 1).
@@ -140,12 +145,15 @@ class SegmentationMetric(Metric):
             self._scores[key].append(value.detach().cpu())
 
     def compute(self) -> float:
-        if not self._ids:
+        s = {k: torch.cat(v) for k, v in self._scores.items() if v}
+        ids = list(self._ids)
+        if is_distributed():  # every rank scored its shard: all ranks select models on the same, whole-set value
+            s, ids = {k: gather_rows(v) for k, v in s.items()}, gather_objects(ids)
+        if not ids:
             raise RuntimeError("SegmentationMetric needs at least one batch before it can be computed.")
-        s = {k: torch.cat(v) for k, v in self._scores.items()}
-        if self.output_csv:
+        if self.output_csv and is_main_process():
             os.makedirs(os.path.dirname(os.path.abspath(self.output_csv)), exist_ok=True)
-            write_scores_csv(self.output_csv, self._ids, s["dice"], s["iou"], self.class_names)
+            write_scores_csv(self.output_csv, ids, s["dice"], s["iou"], self.class_names)
         if self.metric == "dice_present":
             return float(s["dice"][s["present"]].mean()) if s["present"].any() else float(s["dice"].mean())
         key = {"fg_fraction": "fg", "label_fg_fraction": "label_fg"}.get(self.metric, self.metric)

@@ -1,12 +1,27 @@
-"""Benchmarks: each reported as a ratio against a baseline measured in the same run, on this machine.
+"""Benchmarks of amvlm-monai on this machine, each measurement in a fresh process (bench/worker.py).
 
-1. Stage-2 step with the frozen text tower's features cached per distinct report (ours) vs encoding the reports
-   every step (what a straightforward implementation, and the authors' code, does).
-2. Pairwise 2-Wasserstein matrix by the ||a||^2 + ||b||^2 - 2ab expansion (ours) vs broadcasting (B, N, M, D)
-   differences: time and peak memory of the intermediate.
-3. ViT attention through the fused `scaled_dot_product_attention` (ours, every block) vs the explicit softmax path.
+    python bench/run.py                        # the working tree: everything below (a few minutes on 2 cores)
+    python bench/run.py --quick                # small configurations only, fewer steps (a few minutes)
+    python bench/run.py --threads 1            # on a busy machine: two threads there mostly measure waiting
+    python bench/run.py --base ../amvlm-base   # also a baseline checkout, alternated run by run, with ratios
+    make bench BASE=../amvlm-base              # the same through make
 
-Usage: python bench/run.py [--repeats 5] [--json out.json]
+Prints:
+1. stage 1 (pretraining step of the bundle's trainer, optimiser and loss): pairs/s and peak memory per
+   configuration (ViT-B/16 + BERT 768x6 at batch 4 and 8, ViT 384x6 + MiniLM 384x6 at batch 8, all at 224 px),
+   in float32 and in the precision the bundle uses by default (bfloat16 autocast where the CPU or GPU computes it
+   natively);
+2. stage 2 (training step, 2 labelled + 2 unlabelled images at 224 px, a ViT-B/16 stage-1 checkpoint; the bundle's
+   U-Net and the light CPU U-Net, which is also the same network in older code): images/s of supervised,
+   Mean-Teacher and text-guided Mean-Teacher, as ratios, the seconds spent in the text guidance, and peak memory;
+3. inference: images/s of the U-Net and seconds per volume (256 x 256 x 24 NIfTI, slice by slice);
+4. data loading: images/s of the stage-2 transform chain (PNG files) against the images/s training consumes;
+5. the machine (CPU, cores, threads, load average before and after).
+
+With ``--base`` every measurement is repeated for the baseline code (put first on PYTHONPATH), rounds alternate which
+side runs first, and the tables give medians and ratios. Timings on a shared machine are noisy: compare ratios of the
+same run, and read the load average printed with them. No random init, no weights are downloaded: the stage-1
+geometry is built from its configuration with random weights (kept in ``--assets``, 3 GB for the ViT-B checkpoint).
 """
 
 from __future__ import annotations
@@ -14,117 +29,241 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-REPORTS = [
-    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
-    "Unilateral pulmonary infection, one infected area, medium upper right lung.",
-    "Unilateral pulmonary infection, one infected area, small lower left lung.",
-    "No lesion is visible.",
-]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER = HERE / "worker.py"
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench_text_cache(repeats: int) -> dict:
-    from amvlm_monai.networks.guidance import PatchEncoder, TextGuidance
-    from amvlm_monai.losses.text_guided import TextGuidedLoss
-    from amvlm_monai.networks.amvlm import AMVLM
-    from amvlm_monai.networks.mask_generator import TextMaskGenerator
-
-    torch.manual_seed(0)
-    amvlm = AMVLM.from_preset("small", with_momentum=False, text_layers=6)
-    gen = TextMaskGenerator(PatchEncoder(amvlm), tuple(amvlm.image_encoder.grid_size), amvlm.config["embed_dim"])
-    guidance = TextGuidance(amvlm, gen, TextGuidedLoss())
-    images = torch.randn(16, 1, 64, 64)
-    texts = [REPORTS[i % len(REPORTS)] for i in range(16)]
-
-    def cached():
-        _, tg = guidance(images, texts)
-        tg.backward()
-
-    def uncached():
-        guidance._cache.clear()
-        _, tg = guidance(images, texts)
-        tg.backward()
-
-    t_cached, t_uncached = timed(cached, repeats), timed(uncached, repeats)
-    return {"name": "stage-2 guidance step, text features cached vs encoded every step (6-layer MiniLM, 16 x 64 px)",
-            "ours_s": t_cached, "baseline_s": t_uncached, "speedup": t_uncached / t_cached}
-
-
-def bench_w2(repeats: int) -> dict:
-    from amvlm_monai.losses.css import w2_pairwise
-
-    torch.manual_seed(0)
-    b, n, m, d = 32, 196, 20, 128
-    mu_a, sig_a, mu_b, sig_b = (torch.randn(b, k, d) for k in (n, n, m, m))
-
-    def broadcast():
-        return ((mu_a[:, :, None] - mu_b[:, None]) ** 2).sum(-1) + ((sig_a[:, :, None] - sig_b[:, None]) ** 2).sum(-1)
-
-    assert torch.allclose(w2_pairwise(mu_a, sig_a, mu_b, sig_b), broadcast(), rtol=1e-4, atol=1e-3)
-    t_ours = timed(lambda: w2_pairwise(mu_a, sig_a, mu_b, sig_b), repeats)
-    t_base = timed(broadcast, repeats)
-    bytes_base = b * n * m * d * 4  # the (B, N, M, D) difference tensor the broadcast builds
-    bytes_ours = b * n * m * 4 * 3  # (B, N, M) products and the result
-    return {"name": f"pairwise W2 ({b} x {n} patches x {m} words x {d}), expansion vs broadcast",
-            "ours_s": t_ours, "baseline_s": t_base, "speedup": t_base / t_ours,
-            "memory_ratio": bytes_base / bytes_ours}
-
-
-def bench_attention(repeats: int) -> dict:
-    from amvlm_monai.networks.vit import Attention, ViTEncoder
-
-    torch.manual_seed(0)
-    vit = ViTEncoder(img_size=224, patch_size=16, in_channels=1, hidden_size=384, num_layers=6, num_heads=6,
-                     mlp_dim=1536).eval()
-    x = torch.randn(8, 1, 224, 224)
-
-    def run(fused: bool):
-        Attention.fused_attn = fused
-        with torch.no_grad():
-            return vit(x)
-
+def cpu_name() -> str:
     try:
-        out_f, out_e = run(True), run(False)
-        assert torch.allclose(out_f.tokens, out_e.tokens, atol=1e-4)
-        t_fused = timed(lambda: run(True), repeats)
-        t_explicit = timed(lambda: run(False), repeats)
-    finally:
-        Attention.fused_attn = True
-    return {"name": "ViT-S/16 forward at 224 px, batch 8: fused SDPA vs explicit attention",
-            "ours_s": t_fused, "baseline_s": t_explicit, "speedup": t_explicit / t_fused}
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class Runner:
+    """Runs worker jobs for the working tree ("ours") and, optionally, a baseline checkout ("base")."""
+
+    def __init__(self, base: str | None, assets: Path, threads: int, verbose: bool) -> None:
+        self.roots = {"ours": ROOT}
+        if base:
+            self.roots["base"] = Path(base).resolve()
+        self.assets = assets
+        self.threads = threads
+        self.verbose = verbose
+        self.log: list[dict] = []
+
+    def run(self, side: str, job: str, *args: str) -> dict:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.roots[side]), os.environ.get("PYTHONPATH", "")]))
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, str(WORKER), job, "--out", out, "--assets", str(self.assets),
+               "--threads", str(self.threads), *args]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, cwd=str(self.roots[side]), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{side} {job} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            res = json.load(f)
+        os.unlink(out)
+        expected = str(self.roots[side])
+        if res.get("code") != expected:
+            raise RuntimeError(f"{side}: the worker imported amvlm_monai from {res.get('code')}, not {expected}.")
+        res.update(side=side, job=job, args=list(args), load=load())
+        self.log.append(res)
+        if self.verbose and "times" in res:
+            times = " ".join(f"{x:.2f}" for x in res.get("times", []))
+            cpu = " ".join(f"{x:.2f}" for x in res.get("cpu_times", []))
+            print(f"  [{side:4}] {job} {' '.join(args)}: {times} s/step (CPU {cpu}), "
+                  f"peak {res.get('peak_gib', 0):.2f} GiB, {time.perf_counter() - t:.0f} s, load {res['load']}",
+                  flush=True)
+        return res
+
+    def alternate(self, rounds: int, job: str, *args: str) -> dict[str, list[dict]]:
+        """``rounds`` runs per side, the side that goes first alternating (ours, base / base, ours / ...)."""
+        sides = list(self.roots)
+        out: dict[str, list[dict]] = {s: [] for s in sides}
+        for r in range(rounds):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                out[side].append(self.run(side, job, *args))
+        return out
+
+
+def median_step(runs: list[dict], key: str = "times") -> float:
+    """Median seconds per step over every timed step of ``runs`` (``key="cpu_times"``: process CPU seconds)."""
+    return statistics.median(t for r in runs for t in r[key])
+
+
+def peak(runs: list[dict]) -> float:
+    return statistics.median(r["peak_gib"] for r in runs)
+
+
+def table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def bench_stage1(r: Runner, configs: list[tuple[str, int]], rounds: int, steps: int) -> tuple[str, dict]:
+    """Rows per configuration and precision; with a baseline: its pairs/s and peak, and the ratios (wall-clock, and
+    process CPU time, which a busy machine disturbs less)."""
+    rows, data = [], {}
+    for config, batch in configs:
+        common = ("--config", config, "--batch", str(batch), "--steps", str(steps))
+        default = r.alternate(rounds, "stage1", *common, "--precision", "default")
+        autocast = default["ours"][0]["autocast"]
+        measured = [("float32", default)] if autocast == "float32" else [
+            ("float32", r.alternate(rounds, "stage1", *common, "--precision", "fp32")),
+            (f"default ({autocast})", default)]  # the baseline is float32 on a CPU either way
+        for precision, runs in measured:
+            ours, ours_cpu, ours_peak = median_step(runs["ours"]), median_step(runs["ours"], "cpu_times"), peak(
+                runs["ours"])
+            name = precision if autocast != "float32" else "float32 (the default here)"
+            row = [f"{config} b{batch}", name, f"{batch / ours:.2f}", f"{ours_peak:.2f}"]
+            key = f"{config}_b{batch}_{precision.split()[0]}"
+            data[key] = {"ours_s": ours, "ours_cpu_s": ours_cpu, "ours_peak_gib": ours_peak}
+            if "base" in runs:
+                base, base_cpu, base_peak = median_step(runs["base"]), median_step(runs["base"], "cpu_times"), peak(
+                    runs["base"])
+                row += [f"{batch / base:.2f}", f"{base_peak:.2f}", ratio(base, ours), ratio(base_cpu, ours_cpu),
+                        ratio(ours_peak, base_peak)]
+                data[key].update(base_s=base, base_cpu_s=base_cpu, base_peak_gib=base_peak)
+            rows.append(row)
+    head = ["stage 1 (224 px)", "precision", "pairs/s", "peak GiB"]
+    if "base" in r.roots:
+        head += ["base pairs/s", "base peak GiB", "speed (wall)", "speed (CPU time)", "memory"]
+    return table(rows, head), data
+
+
+def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str, unet: str = "default") -> tuple[str, dict]:
+    """Supervised, Mean-Teacher and text-guided steps on the same U-Net and batch; the text branch's cost over the
+    plain Mean-Teacher step (time and peak memory) for each code."""
+    variants = (("supervised", "supervised (2 labelled)"), ("mt", "Mean-Teacher (2 + 2)"),
+                ("text", "text-guided Mean-Teacher (2 + 2)"))
+    runs = {v: r.alternate(rounds, "stage2", "--variant", v, "--steps", str(steps), "--checkpoint", checkpoint,
+                           "--unet", unet) for v, _ in variants}
+    rows, data = [], {}
+    for side in r.roots:
+        mt, mt_cpu, mt_peak = (median_step(runs["mt"][side]), median_step(runs["mt"][side], "cpu_times"),
+                               peak(runs["mt"][side]))
+        for v, name in variants:
+            s, c, p = median_step(runs[v][side]), median_step(runs[v][side], "cpu_times"), peak(runs[v][side])
+            n = runs[v][side][0]["images"]
+            g = [t for run in runs[v][side] for t in run.get("guidance_times", [])]
+            guided = f"{statistics.median(g):.2f}" if g else ""
+            rows.append([side, name, f"{s:.2f}", f"{n / s:.2f}", f"{s / mt:.2f}x", f"{c / mt_cpu:.2f}x",
+                         f"{s - mt:+.2f}", guided, f"{p:.2f}", f"{p - mt_peak:+.2f}"])
+            data[f"{side}_{v}"] = {"s": s, "cpu_s": c, "images_per_s": n / s, "peak_gib": p,
+                                   "guidance_s": statistics.median(g) if g else None}
+    head = ["code", f"stage 2 step (224 px, {unet} U-Net, ViT-B/16 text tower)", "s/step", "images/s",
+            "vs MT (wall)", "vs MT (CPU)", "s over MT", "in guidance (s)", "peak GiB", "GiB over MT"]
+    text = table(rows, head)
+    if "base" in r.roots:
+        o, b = data["ours_text"], data["base_text"]
+        text += (f"\ntext-guided step, ours vs base: {ratio(b['s'], o['s'])} faster (wall), "
+                 f"{ratio(b['cpu_s'], o['cpu_s'])} (CPU time); peak memory {ratio(o['peak_gib'], b['peak_gib'])}")
+    return text, data
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 2)
-    results = [bench_text_cache(args.repeats), bench_w2(args.repeats), bench_attention(args.repeats)]
-    print(f"{'benchmark':<100} {'ours':>9} {'baseline':>9} {'ratio':>7}")
-    for r in results:
-        extra = f"  memory x{r['memory_ratio']:.0f}" if "memory_ratio" in r else ""
-        print(f"{r['name']:<100} {r['ours_s']:8.4f}s {r['baseline_s']:8.4f}s {r['speedup']:6.2f}x{extra}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=os.environ.get("BASE") or None,
+                    help="a checkout of the baseline commit (e.g. a git worktree); env BASE works too")
+    ap.add_argument("--quick", action="store_true", help="small stage-1 configuration only, fewer steps")
+    ap.add_argument("--rounds", type=int, default=None, help="runs per side and measurement (default 1, quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run after one warm-up step")
+    ap.add_argument("--sections", default="stage1,stage2,infer,data",
+                    help="comma-separated subset of stage1,stage2,infer,data")
+    ap.add_argument("--assets", default=os.path.join(tempfile.gettempdir(), "amvlm_bench_assets"),
+                    help="where the random-init BERT 768x6 and the ViT-B/16 stage-1 checkpoint are kept")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--unet", nargs="+", choices=["default", "light"], default=None,
+                    help="stage-2 U-Nets: the bundle's default and/or the light CPU one (16..256 channels, the same "
+                         "network in older code); default both, --quick light only")
+    ap.add_argument("--json", default=None, help="write every measurement to this file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no per-run lines")
+    a = ap.parse_args()
+    threads = a.threads or os.cpu_count() or 1
+    rounds = a.rounds or 1
+    steps = a.steps or (2 if a.quick else 3)
+    sections = set(a.sections.split(","))
+    a.unet = a.unet or (["light"] if a.quick else ["default", "light"])
+    assets = Path(a.assets)
+    assets.mkdir(parents=True, exist_ok=True)
+    r = Runner(a.base, assets, threads, verbose=not a.quiet)
+    t0 = time.perf_counter()
+    start_load = load()
+    out: list[str] = []
+    results: dict = {}
+    print(f"amvlm-monai benchmarks: {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads, "
+          f"Python {platform.python_version()}, load average {start_load}", flush=True)
+    if a.base:
+        print(f"baseline: {r.roots['base']} (alternated with the working tree {ROOT}, {rounds} round(s))", flush=True)
+    need_ckpt = "stage2" in sections
+    if need_ckpt or ("stage1" in sections and not a.quick):
+        print("preparing assets (random-init BERT 768x6, ViT-B/16 stage-1 checkpoint; once per --assets)...",
+              flush=True)
+        info = r.run("ours", "assets")
+        results["assets"] = info
+    if "stage1" in sections:
+        configs = [("small", 8)] if a.quick else [("base", 4), ("base", 8), ("small", 8)]
+        text, results["stage1"] = bench_stage1(r, configs, rounds, steps)
+        out.append("Stage 1, pretraining step (Adam, clipping, momentum update included):\n" + text)
+        print(out[-1], flush=True)
+    if "stage2" in sections:
+        for unet in a.unet:
+            text, results[f"stage2_{unet}"] = bench_stage2(r, rounds, steps, results["assets"]["checkpoint"], unet)
+            out.append(f"Stage 2, training step ({unet} U-Net, the bundle's default precision; 'in guidance': "
+                       "seconds per step inside the text guidance's forward calls):\n" + text)
+            print(out[-1], flush=True)
+    if "infer" in sections:
+        res = r.run("ours", "infer", "--batch", "8", "--steps", "2" if a.quick else "3",
+                    "--volumes", "1" if a.quick else "2")
+        results["infer"] = res
+        line = f"Inference: {res['images_per_s']:.1f} images/s (U-Net, 224 px, batch 8)"
+        if "s_per_volume" in res:
+            line += f"; {res['s_per_volume']:.2f} s per 256 x 256 x 24 volume (slice by slice, NIfTI in and out)"
+        out.append(line)
+        print(line, flush=True)
+    if "data" in sections:
+        res = r.run("ours", "data", "--batch", "4" if a.quick else "8", "--workers", "0")
+        results["data"] = res
+        line = f"Data loading: {res['images_per_s']:.1f} images/s (stage-2 transforms, 512 px PNG -> 224 px, 1 process)"
+        train = results.get("stage2_default", results.get("stage2_light", {})).get("ours_text")
+        if train:
+            line += (f"; training consumes {train['images_per_s']:.2f} images/s (text-guided step): loading is "
+                     f"{res['images_per_s'] / train['images_per_s']:.0f}x faster than needed")
+        out.append(line)
+        print(line, flush=True)
+    end_load = load()
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads; load average at start "
+          f"{start_load}, at end {end_load}; {time.perf_counter() - t0:.0f} s in all.", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"results": results, "runs": r.log, "cpu": cpu_name(), "cores": os.cpu_count(),
+                       "threads": threads, "load_start": start_load, "load_end": end_load}, f, indent=1)
 
 
 if __name__ == "__main__":

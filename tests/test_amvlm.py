@@ -166,10 +166,12 @@ def test_pretrainer_amp_path_runs_on_cpu_with_bfloat16(tiny_amvlm):
     batch = {"image": x, "image_aug": x.flip(-1), "text": REPORTS, "text_aug": REPORTS[::-1]}
     opt = torch.optim.Adam(tiny_amvlm.parameters(), lr=1e-3)
     outputs = []
-    trainer = AMVLMPretrainer("cpu", 1, [batch, batch], tiny_amvlm, opt, AMVLMLoss(), amp=True)
+    trainer = AMVLMPretrainer("cpu", 1, [batch, batch], tiny_amvlm, opt, AMVLMLoss(), amp="bf16")
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    dtypes = []
+    tiny_amvlm.image_encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     trainer.run()
-    assert trainer.step.scaler is None  # the grad scaler is for CUDA float16 only
+    assert trainer.step.scaler is None and dtypes[0] == torch.bfloat16  # the grad scaler is for float16 only
     assert len(outputs) == 2 and all(math.isfinite(o["loss"]) for o in outputs)
 
 

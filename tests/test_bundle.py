@@ -229,7 +229,7 @@ def test_multi_gpu_overlay_runs_with_gloo_on_two_cpu_processes(bundle_copy, demo
     import sys
 
     configs = str(_configs(bundle_copy, "train.json", "variants/mean_teacher.json", "multi_gpu_train.json"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "monai.bundle", "run", "training", "--config_file", configs, "--dataset_dir", str(demo_data),
            "--ckpt_dir", str(tmp_path), "--bundle_root", str(bundle_copy)]
     for key, value in TINY_OVERRIDES.items():

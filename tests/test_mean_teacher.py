@@ -142,11 +142,17 @@ def test_text_guidance_trains_the_decoder_only_and_caches_text(stage1_ckpt):
     calls = []
     original = guidance.amvlm.text_embeddings
     guidance.amvlm.text_embeddings = lambda texts: calls.append(list(texts)) or original(texts)
-    labeled, unlabeled = Batches(2, 2, "l", True, 0), Batches(3, 2, "u", False, 1)
-    trainer, *_, outputs = _trainer(labeled, unlabeled, guidance, epochs=2)
+    labeled, unlabeled = Batches(2, 3, "l", True, 0), Batches(3, 2, "u", False, 1)
+    trainer, *_, outputs = _trainer(labeled, unlabeled, guidance, epochs=2, diagnostic_interval=4)
+    seen = []  # batch sizes through the frozen image tower
+    guidance.generator.patch_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     trainer.run()
     assert "tg" in outputs[0] and all(math.isfinite(o["tg"]) for o in outputs)
-    assert all(0.0 <= o["text_mask_dice"] <= 1.0 for o in outputs)
+    # the diagnostic at iterations 1 and 5 only; the tower sees the 2 unlabelled images every step and the 3
+    # labelled ones only for the diagnostic
+    assert [i for i, o in enumerate(outputs) if "text_mask_dice" in o] == [0, 4]
+    assert all(0.0 <= o["text_mask_dice"] <= 1.0 for o in outputs if "text_mask_dice" in o)
+    assert seen == [2, 3, 2, 2, 2, 2, 3, 2]
     # each distinct report encoded exactly once over 2 epochs and 6 steps
     encoded = [t for c in calls for t in c]
     assert sorted(encoded) == sorted(set(REPORTS))

@@ -52,7 +52,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
     After each step the teacher is an EMA of the student's parameters (alpha_t = min(1 - 1/(t+1), 0.99)); its BatchNorm
     statistics follow ``teacher_bn`` (see :mod:`amvlm_monai.engines.ema`).
     ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and
-    ``text_mask_dice`` (the text masks' Dice against the labelled batch: a diagnostic, not a loss).
+    ``text_mask_dice`` (the text masks' Dice against the labelled batch, every ``diagnostic_interval`` iterations: a
+    diagnostic, not a loss).
 
     Args:
         device, max_epochs, train_data_loader (labelled: ``image`` (B,C,H,W), ``label`` (B,1,H,W), ``text``),
@@ -74,6 +75,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
             the parameters; collapses on the demo, kept for comparison).
         bn_batches: unlabelled batches used by ``teacher_bn="recompute"``.
         amp, grad_clip: see :class:`~amvlm_monai.engines.step.OptimStep`.
+        diagnostic_interval: compute ``text_mask_dice`` (the text masks of the labelled batch against its labels, which
+            costs a pass of the frozen image tower) at iterations 1, 1 + N, 1 + 2N, ...; 0 never. L_tg and the pseudo
+            labels use the unlabelled images only, as the authors' code does.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Iterable,
@@ -84,7 +88,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
                  ema_max_alpha: float = 0.99, teacher_noise: float = 0.1, teacher_bn: str = "batch",
                  bn_batches: int = 8, epoch_length: Optional[int] = None,
                  train_handlers: Optional[Sequence] = None, amp: bool = False, grad_clip: Optional[float] = None,
-                 **kwargs: Any) -> None:
+                 diagnostic_interval: int = 50, **kwargs: Any) -> None:
         if unlabeled_loader is not None and (teacher is None or consistency_loss is None):
             raise ValueError("an unlabeled_loader needs a teacher and a consistency_loss.")
         if guidance is not None and unlabeled_loader is None:
@@ -113,6 +117,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
             raise ValueError(f"bn_batches must be a positive int, got {bn_batches!r}.")
         self.teacher_bn = teacher_bn
         self.bn_batches = bn_batches
+        if diagnostic_interval < 0:
+            raise ValueError(f"diagnostic_interval must be >= 0, got {diagnostic_interval}.")
+        self.diagnostic_interval = diagnostic_interval
         self.use_amp = amp
         params = list(network.parameters()) + (list(guidance.parameters()) if guidance is not None else [])
         self.step = OptimStep(optimizer, params, device, amp=amp, grad_clip=grad_clip)
@@ -183,10 +190,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
                         engine.teacher.eval()
                         teacher_logits = engine.teacher(x_u + noise).float()
                 if engine.guidance is not None:
-                    texts = list(batchdata["text"]) + list(unl["text"])
-                    masks, tg = engine.guidance(x_all, texts)
-                    terms["text_mask_dice"] = _hard_dice(masks[:n_l], y_l, engine.multiclass)
-                    pseudo = engine.guidance.fuse(teacher_logits, masks[n_l:].float(), engine.multiclass)
+                    masks, tg = engine.guidance(x_u, list(unl["text"]))  # the frozen towers see unlabelled images only
+                    if engine.diagnostic_interval and (engine.state.iteration - 1) % engine.diagnostic_interval == 0:
+                        masks_l = engine.guidance.text_masks(x_l, list(batchdata["text"]))
+                        terms["text_mask_dice"] = _hard_dice(masks_l, y_l, engine.multiclass)
+                    pseudo = engine.guidance.fuse(teacher_logits, masks.float(), engine.multiclass)
                     if tg is not None:
                         terms["tg"] = tg
                         loss = loss + engine.guidance.tg_weight * tg

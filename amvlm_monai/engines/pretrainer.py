@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from torch import nn
 
+from amvlm_monai.distributed import global_mean, is_distributed, sync_batchnorm
 from amvlm_monai.engines.step import OptimStep, autocast, check_finite, scalars
 
-__all__ = ["AMVLMPretrainer", "batch_names"]
+__all__ = ["AMVLMPretrainer", "AMVLMObjective", "batch_names"]
 
 
 def batch_names(batch: dict, key: str = "image", limit: int = 4) -> str:
@@ -28,6 +30,19 @@ def batch_names(batch: dict, key: str = "image", limit: int = 4) -> str:
     return ", ".join(map(str, list(names)[:limit])) if names is not None else "<unnamed batch>"
 
 
+class AMVLMObjective(nn.Module):
+    """The AMVLM and its loss as one module whose ``forward`` returns every term: what DistributedDataParallel
+    wraps (DDP synchronises gradients of what runs inside ``forward``; the loss calls several model methods)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, images, tokens, images_aug=None, tokens_aug=None) -> dict[str, torch.Tensor]:
+        return self.loss(self.model, images, tokens, images_aug, tokens_aug)
+
+
 class AMVLMPretrainer(SupervisedTrainer):
     """Pretraining trainer: image-report pairs (and their ICL views) in, every loss term out.
 
@@ -35,19 +50,26 @@ class AMVLMPretrainer(SupervisedTrainer):
     ``text_aug``. After each step the momentum copies move towards the online encoders. ``engine.state.output``
     holds ``loss`` and every term as floats, so ``StatsHandler`` and ``TensorBoardStatsHandler`` log them all.
 
+    Under ``torchrun`` (an initialised process group of several processes) the trainer wraps the model and loss in
+    DistributedDataParallel itself, with the heads' BatchNorm synchronised over ranks
+    (:func:`~amvlm_monai.distributed.sync_batchnorm`); the contrastive terms take their negatives from the global
+    batch, and the logged terms are averaged over ranks. Give each rank its shard of the data
+    (:func:`~amvlm_monai.data.datasets.rank_shard`, equal batch sizes: ``drop_last=True``).
+
     Args:
         device, max_epochs, train_data_loader, epoch_length, train_handlers: as for ``SupervisedTrainer``.
-        network: an :class:`~amvlm_monai.networks.amvlm.AMVLM`.
+        network: an :class:`~amvlm_monai.networks.amvlm.AMVLM` (not wrapped in DDP).
         optimizer: optimiser over the trainable parameters.
         loss_function: an :class:`~amvlm_monai.losses.amvlm.AMVLMLoss`.
-        amp: mixed precision (float16 with a grad scaler on CUDA, bfloat16 on CPU).
+        amp: mixed precision (see :func:`~amvlm_monai.engines.step.amp_dtype`: True = bfloat16 where the device
+            computes it natively, float16 with a grad scaler on other GPUs, else float32).
         grad_clip: gradient-norm clipping (None or 0 disables it).
         kwargs: passed to ``SupervisedTrainer``.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Iterable,
                  network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
-                 epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool = False,
+                 epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool | str = False,
                  grad_clip: float | None = 1.0, **kwargs: Any) -> None:
         device = torch.device(device)
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
@@ -56,6 +78,14 @@ class AMVLMPretrainer(SupervisedTrainer):
                          **kwargs)
         self.use_amp = amp
         self.step = OptimStep(optimizer, network.parameters(), device, amp=amp, grad_clip=grad_clip)
+        self.objective: nn.Module = AMVLMObjective(network, loss_function)
+        if is_distributed():
+            sync_batchnorm(network)
+            weights = getattr(loss_function, "weights", {})
+            unused = not all(w > 0 for w in weights.values()) or getattr(loss_function, "pdt_mode", "") == "none"
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[device] if device.type == "cuda" else None,
+                find_unused_parameters=unused)
 
     def _iteration(self, engine: "AMVLMPretrainer", batchdata: dict) -> dict:
         if batchdata is None:
@@ -67,13 +97,18 @@ class AMVLMPretrainer(SupervisedTrainer):
         images_aug = batchdata["image_aug"].to(device) if needs_view else None
         tokens_aug = model.tokenize(batchdata["text_aug"], device) if needs_view else None
         model.train()
-        with autocast(device, engine.use_amp):
-            terms = engine.loss_function(model, images, tokens, images_aug, tokens_aug)
+        with autocast(device, engine.step.dtype):
+            terms = engine.objective(images, tokens, images_aug, tokens_aug)
         check_finite(terms, batch_names(batchdata))
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.step(terms["loss"])
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         model.update_momentum()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        engine.state.output = scalars(terms)
+        logged = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        if is_distributed():  # every rank logs the global batch's terms (one small all-reduce)
+            names = sorted(logged)
+            means = global_mean(torch.stack([logged[k].detach().double() for k in names]))
+            logged = dict(zip(names, means))
+        engine.state.output = scalars(logged)
         return engine.state.output

@@ -9,8 +9,10 @@ similarities, softmax and logsumexp in float32 (float64 inputs stay float64) wit
 result is NaN or Inf (:func:`~amvlm_monai.losses.checks.check_finite`).
 
 Logits follow open_clip's recipe "build logits, build labels, cross-entropy". The global negatives come from
-``_gather``: in this single-process version it is the identity with label offset 0; a distributed version would
-all-gather the other modality there and offset the labels by ``rank * B``.
+``_gather``: under ``torchrun`` it all-gathers the other side's embeddings of every rank with gradient and offsets the
+labels by ``rank * B`` (:func:`~amvlm_monai.distributed.gather_with_grad`); in a single process it is the identity
+with offset 0. Token averages are divided by the per-rank mean token count, so that the mean of the ranks' losses
+(what DDP's gradient averaging optimises) is the loss of one process on the whole global batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from amvlm_monai.distributed import gather_with_grad, mean_count
 from amvlm_monai.losses.checks import (
     REDUCTIONS,
     NonFiniteLossError,
@@ -83,7 +86,7 @@ class ImageTextContrastiveLoss(_Loss):
 
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Negatives from every process and the label offset of this one (single process: ``(x, 0)``)."""
-        return x, 0
+        return gather_with_grad(x)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         """
@@ -168,7 +171,7 @@ class LocalGlobalLoss(_Loss):
 
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Global embeddings from every process and the label offset of this one (single process: ``(x, 0)``)."""
-        return x, 0
+        return gather_with_grad(x)
 
     def _direction(self, tokens: torch.Tensor, mask: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
         all_glob, offset = self._gather(glob)
@@ -178,7 +181,7 @@ class LocalGlobalLoss(_Loss):
         ce = info_nce(sim.reshape(b * n, -1) / self.temperature, pos.repeat_interleave(n)).reshape(b, n)
         w = variance_weights(sim, mask, pos)
         ce = torch.where(mask, ce * w, 0.0)
-        return ce.sum() / mask.sum().clamp_min(1)
+        return ce.sum() / mean_count(mask.sum()).clamp_min(1)
 
     def forward(self, patches: torch.Tensor, img_cls: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
                 txt_cls: torch.Tensor) -> torch.Tensor:

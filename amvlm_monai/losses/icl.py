@@ -1,7 +1,8 @@
 """L_ICL: intra-modal contrastive learning between a sample and its augmented view (momentum encoder).
 
 Coarse terms contrast CLS with augmented CLS; fine terms contrast CLS with the augmented view's tokens, slot by slot
-over the batch. Inputs are L2-normalised embeddings; the word mask is bool, True on real words.
+over the batch (under ``torchrun`` the global batch: the augmented views of every rank are gathered). Inputs are
+L2-normalised embeddings; the word mask is bool, True on real words.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Union
 import torch
 from torch.nn.modules.loss import _Loss
 
+from amvlm_monai.distributed import gather, mean_count, rank
 from amvlm_monai.losses.checks import (
     check_finite,
     check_mask,
@@ -47,13 +49,19 @@ class ICLLoss(_Loss):
         self.return_terms = return_terms
 
     def _fine(self, cls: torch.Tensor, tokens_aug: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over real (i, p) of ``-log softmax_{j: mask[j, p]}(sim(cls_i, tokens_aug[j, p]) / tau)|_{j=i}``."""
+        """Mean over real (i, p) of ``-log softmax_{j: mask[j, p]}(sim(cls_i, tokens_aug[j, p]) / tau)|_{j=i}``.
+
+        Under ``torchrun`` j runs over the global batch (the augmented views are gathered without gradient: they
+        come from the momentum encoders).
+        """
         b, n, _ = tokens_aug.shape
-        logits = torch.einsum("id,jpd->ipj", cls, tokens_aug) / self.temperature  # (B_i, N, B_j)
-        valid = mask.T[None].expand(b, n, b)  # column j of row (i, p) is valid when slot p of j is real
+        all_tokens, all_mask = gather(tokens_aug), gather(mask)
+        logits = torch.einsum("id,jpd->ipj", cls, all_tokens) / self.temperature  # (B_i, N, B_j)
+        valid = all_mask.T[None].expand(b, n, all_tokens.shape[0])  # column j of row (i, p): slot p of j is real
         logp = masked_log_softmax(logits, valid)
-        own = logp.diagonal(dim1=0, dim2=2).T  # (B, N): logp[i, p, i]
-        return -torch.where(mask, own, 0.0).sum() / mask.sum().clamp_min(1)
+        rows = torch.arange(b, device=cls.device)
+        own = logp[rows, :, rows + rank() * b]  # (B, N): logp[i, p, i]
+        return -torch.where(mask, own, 0.0).sum() / mean_count(mask.sum()).clamp_min(1)
 
     def forward(self, img_cls: torch.Tensor, img_cls_aug: torch.Tensor, patches_aug: torch.Tensor,
                 txt_cls: torch.Tensor, txt_cls_aug: torch.Tensor, words_aug: torch.Tensor,
@@ -90,9 +98,10 @@ class ICLLoss(_Loss):
         with float32_inputs(*tensors) as (v, va, pa, t, ta, wa):
             wa = torch.where(word_mask_aug[..., None], wa, 0.0)  # garbage in padding never reaches the graph
             patch_mask = torch.ones(pa.shape[:2], dtype=torch.bool, device=pa.device)
+            own = torch.arange(b, device=v.device) + rank() * b  # each row's own augmented view among all ranks'
             terms = {
-                "coarse_image": info_nce(v @ va.T / self.temperature).mean(),
-                "coarse_text": info_nce(t @ ta.T / self.temperature).mean(),
+                "coarse_image": info_nce(v @ gather(va).T / self.temperature, own).mean(),
+                "coarse_text": info_nce(t @ gather(ta).T / self.temperature, own).mean(),
                 "fine_image": self._fine(v, pa, patch_mask),
                 "fine_text": self._fine(t, wa, word_mask_aug),
             }

@@ -11,6 +11,7 @@ model is rebuilt without the pretraining config) and ``"epoch"``. It is read wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amvlm_monai.checkpoint import load_checkpoint
+from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
 from amvlm_monai.networks.cross_attention import CrossAttention
 from amvlm_monai.networks.heads import GlobalHead, LocalHead
 from amvlm_monai.networks.momentum import momentum_copy, momentum_update
@@ -28,7 +29,7 @@ from amvlm_monai.networks.pdt import PDT
 from amvlm_monai.networks.text import TextEncoder
 from amvlm_monai.networks.vit import ViTEncoder
 
-__all__ = ["AMVLM", "build_amvlm", "load_amvlm", "PRESETS"]
+__all__ = ["AMVLM", "build_amvlm", "load_amvlm", "PRESETS", "PARTS", "STAGE2_PARTS", "text_width"]
 
 # Architecture presets: the paper's (ViT-B/16 at 224 px, 6-layer BERT, D = 128) and a small one for CPU demos.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,6 +38,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(image_size=64, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=256,
                   text_layers=2, max_words=40, embed_dim=64, head_hidden=256),
 }
+
+
+# Sub-modules, in construction order. Stage 2 uses patch embeddings (image tower + local head) and report embeddings
+# (text tower + global head): with ``parts=STAGE2_PARTS`` nothing else of a stage-1 checkpoint (momentum copies,
+# PDTs, cross-attention, the other heads) is built or read.
+PARTS = ("image_encoder", "text_encoder", "image_global", "image_local", "text_global", "text_local",
+         "attend_words", "attend_patches", "pdt_image", "pdt_text", "pdt_attended")
+STAGE2_PARTS = ("image_encoder", "image_local", "text_encoder", "text_global")
+
+
+def text_width(text_model: Optional[str]) -> int:
+    """Hidden width of a BERT-family folder (its ``config.json``), without loading the model."""
+    from amvlm_monai.networks.text import _check_folder, default_text_model_path
+
+    cfg = _check_folder(default_text_model_path() if text_model is None else os.fspath(text_model))
+    return int(cfg["hidden_size"])
 
 
 class AMVLM(nn.Module):
@@ -57,6 +74,8 @@ class AMVLM(nn.Module):
         with_momentum: build the momentum copies (not needed when ICL is off, or in stage 2).
         patch_embed: the ViT's tokeniser, ``"linear"`` (patch projection, the paper's ViT with DeiT weights) or
             ``"conv"`` (a convolutional stem, for training from scratch on little data; the CPU demo uses it).
+        parts: build only these sub-modules of :data:`PARTS` (e.g. :data:`STAGE2_PARTS`); None builds all. Not part
+            of ``config`` (a checkpoint always describes the whole model).
     """
 
     def __init__(self, image_size: int | Sequence[int] = 224, in_channels: int = 1, patch_size: int = 16,
@@ -64,7 +83,7 @@ class AMVLM(nn.Module):
                  text_model: Optional[str] = None, text_layers: Optional[int] = 6, max_words: int = 20,
                  embed_dim: int = 128, head_hidden: int = 2048, momentum: float = 0.995,
                  qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True,
-                 patch_embed: str = "linear") -> None:
+                 patch_embed: str = "linear", parts: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
@@ -77,20 +96,30 @@ class AMVLM(nn.Module):
                            head_hidden=head_hidden, momentum=momentum, qkv_projections=qkv_projections,
                            pdt_heads=pdt_heads, with_momentum=with_momentum, patch_embed=patch_embed)
         self.momentum = momentum
-        self.image_encoder = ViTEncoder(img_size=image_size, patch_size=patch_size, in_channels=in_channels,
-                                        hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
-                                        mlp_dim=vit_mlp, patch_embed=patch_embed)
-        self.text_encoder = TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers)
-        d_img, d_txt = vit_width, self.text_encoder.hidden_size
-        self.image_global = GlobalHead(d_img, embed_dim, head_hidden)
-        self.image_local = LocalHead(d_img, embed_dim, head_hidden)
-        self.text_global = GlobalHead(d_txt, embed_dim, head_hidden)
-        self.text_local = LocalHead(d_txt, embed_dim, head_hidden)
-        self.attend_words = CrossAttention(embed_dim, qkv_projections=qkv_projections)
-        self.attend_patches = CrossAttention(embed_dim, qkv_projections=qkv_projections)
-        self.pdt_image = PDT(embed_dim, num_heads=pdt_heads)
-        self.pdt_text = PDT(embed_dim, num_heads=pdt_heads)
-        self.pdt_attended = PDT(embed_dim, num_heads=pdt_heads)
+        self.parts = tuple(PARTS if parts is None else parts)
+        unknown = sorted(set(self.parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}.")
+        if with_momentum and set(self.parts) != set(PARTS):
+            raise ValueError("with_momentum=True needs every part (the momentum copies follow the online towers).")
+        build = {
+            "image_encoder": lambda: ViTEncoder(img_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                                                hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
+                                                mlp_dim=vit_mlp, patch_embed=patch_embed),
+            "text_encoder": lambda: TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers),
+            "image_global": lambda: GlobalHead(vit_width, embed_dim, head_hidden),
+            "image_local": lambda: LocalHead(vit_width, embed_dim, head_hidden),
+            "text_global": lambda: GlobalHead(text_width(text_model), embed_dim, head_hidden),
+            "text_local": lambda: LocalHead(text_width(text_model), embed_dim, head_hidden),
+            "attend_words": lambda: CrossAttention(embed_dim, qkv_projections=qkv_projections),
+            "attend_patches": lambda: CrossAttention(embed_dim, qkv_projections=qkv_projections),
+            "pdt_image": lambda: PDT(embed_dim, num_heads=pdt_heads),
+            "pdt_text": lambda: PDT(embed_dim, num_heads=pdt_heads),
+            "pdt_attended": lambda: PDT(embed_dim, num_heads=pdt_heads),
+        }
+        for name in PARTS:  # always in this order, so that seeded initialisation does not depend on ``parts``
+            if name in self.parts:
+                setattr(self, name, build[name]())
         self.with_momentum = with_momentum
         if with_momentum:
             self.momentum_image_encoder = momentum_copy(self.image_encoder)
@@ -176,12 +205,13 @@ class AMVLM(nn.Module):
     # ---- stage-2 helpers ------------------------------------------------------------------------------------
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised patch embeddings (B, P, D), the text mask generator's input."""
-        return self.encode_image(images).tokens
+        out = self.image_encoder(images)
+        return self.image_local(out.tokens, out.mask)
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        """Reports -> normalised global text embeddings (N, D)."""
+        """Reports -> normalised global text embeddings (N, D) (the word heads are not run)."""
         device = next(self.text_global.parameters()).device
-        return self.encode_text(self.tokenize(texts, device)).cls
+        return self.text_global(self.text_encoder(**self.tokenize(texts, device)).cls)
 
 
 def build_amvlm(preset: str = "paper", **overrides: Any) -> AMVLM:
@@ -190,30 +220,52 @@ def build_amvlm(preset: str = "paper", **overrides: Any) -> AMVLM:
 
 
 def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu", with_momentum: bool = False,
-               text_model: Optional[str] = None) -> AMVLM:
+               text_model: Optional[str] = None, parts: Optional[Sequence[str]] = None) -> AMVLM:
     """Rebuild a pretrained AMVLM from a stage-1 checkpoint (see the module docstring for its keys).
+
+    The file is memory-mapped (``torch.load(mmap=True)``) and the model takes its tensors as they are
+    (``load_state_dict(assign=True)``): only the pages of the built parts are ever read, when they are first used, so
+    a checkpoint with momentum copies and optimiser state costs no more memory than the parts loaded from it.
 
     Args:
         path: the checkpoint file.
         with_momentum: keep the momentum copies (stage 2 does not need them).
         text_model: override the text model folder recorded in the checkpoint (e.g. when it moved); the
             architecture must be the same, the weights come from the checkpoint.
+        parts: build and load only these sub-modules (e.g. :data:`STAGE2_PARTS`); None: all of them.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
-    ckpt = load_checkpoint(path, map_location=map_location)  # weights_only: a crafted file cannot run code
+    try:  # weights_only: a crafted file cannot run code; mmap: only the tensors of the built parts are read
+        ckpt = load_checkpoint(path, map_location=map_location, mmap=True)
+    except CheckpointError as e:  # a legacy (non-zip) file cannot be memory-mapped: read it whole
+        if "mmap" not in str(e):
+            raise
+        ckpt = load_checkpoint(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not an AMVLM stage-1 checkpoint (needs keys 'model' and 'config', found {keys}).")
     config = dict(ckpt["config"], with_momentum=with_momentum)
     if text_model is not None:
         config["text_model"] = text_model
-    model = AMVLM(**config)
-    state = ckpt["model"]
-    if not with_momentum:
-        state = {k: v for k, v in state.items() if not k.startswith("momentum_")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Parts without the text tower are built on the meta device (no memory, no random initialisation) and then take
+    # the checkpoint's memory-mapped tensors as they are (assign=True): the file's pages are read as they are used.
+    # The text tower loads its BERT folder first, so it is built normally; its weights are then replaced the same way.
+    on_meta = parts is not None and "text_encoder" not in parts
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = AMVLM(**config, parts=parts)
+    wanted = set(model.state_dict())
+    state = {k: v for k, v in ckpt["model"].items() if k in wanted}  # only these pages of the file are read
+    skipped = ("momentum_",) if not with_momentum else ()
+    skipped += tuple(f"{name}." for name in PARTS if name not in model.parts)
+    unexpected = [k for k in ckpt["model"] if k not in wanted and not k.startswith(skipped)]
+    missing = sorted(wanted - set(state))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}.")
+    model.load_state_dict(state, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: no values for {left} (built on the meta device).")
+    del state, ckpt
     return model

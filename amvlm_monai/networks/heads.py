@@ -86,11 +86,11 @@ class LocalHead(nn.Module):
         """
         if x.ndim != 3 or x.shape[2] != self.in_dim:
             raise ValueError(f"x must have shape (B, N, {self.in_dim}), got {tuple(x.shape)}.")
-        if mask is None:
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}.")
+        if mask is None or bool(mask.all()):  # e.g. image patches: no gather/scatter copies, same result
             b, n, _ = x.shape
             return F.normalize(self.mlp(x.reshape(b * n, -1)), dim=-1).reshape(b, n, -1)
-        if mask.shape != x.shape[:2]:
-            raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}.")
         mask = mask.bool()
         out = x.new_zeros(*x.shape[:2], self.out_dim)
         if mask.any():

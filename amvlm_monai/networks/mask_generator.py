@@ -50,7 +50,7 @@ class TextMaskGenerator(nn.Module):
     Args:
         patch_encoder: module ``images (B, C, H, W) -> (B, P, D)`` L2-normalised patch embeddings with
             ``P = h * w`` in row-major order. It is frozen here: ``requires_grad=False`` on all its parameters, kept in
-            eval mode even when ``.train()`` is called on this module, and run under ``torch.no_grad()``.
+            eval mode even when ``.train()`` is called on this module, and run in ``torch.inference_mode()``.
         grid_size: patch grid ``(h, w)`` (an int means square).
         embed_dim: D, the embedding dimension of the patches and of the text.
         num_blocks: gated up-sampling blocks; the dense map is ``2**num_blocks`` times the grid (2 -> 4x, e.g.
@@ -113,8 +113,9 @@ class TextMaskGenerator(nn.Module):
         """Dense embeddings ``(B, C, H, W) -> (B, D, h', w')``, L2-normalised over D (``h' = 2**num_blocks * h``)."""
         if images.ndim != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}.")
-        with torch.no_grad():
+        with torch.inference_mode():  # the frozen tower: no autograd bookkeeping at all
             patches = self.patch_encoder(images)
+        patches = patches.clone()  # a normal tensor again, so that the decoder may save it for its backward
         h, w = self.grid_size
         if patches.ndim != 3 or patches.shape[0] != images.shape[0] or patches.shape[1:] != (h * w, self.embed_dim):
             raise ValueError(

@@ -84,6 +84,7 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995, buff
     pairs = [("parameter", dict(target.named_parameters()), dict(source.named_parameters()))]
     if buffers:
         pairs.append(("buffer", dict(target.named_buffers()), dict(source.named_buffers())))
+    floats: dict[tuple, tuple[list, list]] = {}  # (device, dtype) -> target and source tensors, for one foreach call
     for kind, tgt, src in pairs:
         if tgt.keys() != src.keys():
             diff = sorted(set(tgt) ^ set(src))
@@ -94,6 +95,11 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float = 0.995, buff
         for k, t in tgt.items():
             s = src[k].detach().to(device=t.device, dtype=t.dtype)
             if t.is_floating_point() or t.is_complex():
-                t.mul_(m).add_(s, alpha=1.0 - m)
+                group = floats.setdefault((t.device, t.dtype), ([], []))
+                group[0].append(t)
+                group[1].append(s)
             else:
                 t.copy_(s)
+    # m * t + (1 - m) * s as t + (1 - m) (s - t): one pass over the memory instead of two (mul_ then add_)
+    for tgts, srcs in floats.values():
+        torch._foreach_lerp_(tgts, srcs, 1.0 - m)
