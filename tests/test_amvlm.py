@@ -211,3 +211,23 @@ def test_a_conv_stem_checkpoint_loads_back_with_its_stem(tmp_path):
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(x).tokens, model.encode_image(x).tokens)
+
+
+def test_icl_text_view_tells_reports_apart_at_the_start(tiny_amvlm):
+    """In training mode the momentum copies normalise with batch statistics: at the start (copies equal to the online
+    towers) each report's own view is its nearest, and the coarse text ICL term is well below chance, ln(B).
+    With the copies' lagging running statistics every report's view was the same vector and the term sat at ln(B)."""
+    tiny_amvlm.train()
+    for m in tiny_amvlm.modules():  # dropout off in the online towers too: both sides then compute the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tokens = tiny_amvlm.tokenize(REPORTS)
+    with torch.no_grad():
+        online = tiny_amvlm.encode_text(tokens).cls
+        view = tiny_amvlm.momentum_encode_text(tokens).cls
+    torch.testing.assert_close(view, online)
+    sims = online @ view.T
+    assert torch.equal(sims.argmax(1), torch.arange(len(REPORTS)))
+    x = torch.randn(len(REPORTS), 1, 32, 32)
+    terms = AMVLMLoss()(tiny_amvlm, x, tokens, x, tokens)
+    assert float(terms["icl_coarse_text"]) < math.log(len(REPORTS)) - 0.5

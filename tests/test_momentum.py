@@ -1,4 +1,4 @@
-"""momentum_copy / momentum_update: frozen eval copies and EMA of parameters and buffers (hand-computed)."""
+"""momentum_copy / momentum_update: frozen copies (dropout off, BatchNorm on batch statistics) and EMA of parameters and buffers (hand-computed)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ def _net():
     return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Dropout(0.5))
 
 
-def test_copy_is_frozen_deep_and_stays_in_eval():
+def test_copy_is_frozen_deep_dropout_off_batch_norm_on_batch_statistics_in_training():
     torch.manual_seed(0)
     src = _net()
     parent = nn.Module()
@@ -20,7 +20,10 @@ def test_copy_is_frozen_deep_and_stays_in_eval():
     assert isinstance(parent.target, MomentumCopy)
     parent.train()
     assert src.training and not parent.target.training
-    assert not any(m.training for m in parent.target.modules())
+    assert [type(m).__name__ for m in parent.target.modules() if m.training] == ["BatchNorm1d"]
+    parent.eval()
+    assert not any(m.training for m in parent.target.modules())  # evaluation: running statistics, as the online
+    parent.train()
     assert all(not p.requires_grad for p in parent.target.parameters())
     assert all(p.requires_grad for p in src.parameters())
     with torch.no_grad():
@@ -29,9 +32,12 @@ def test_copy_is_frozen_deep_and_stays_in_eval():
     x = torch.randn(4, 2, requires_grad=True)
     y = parent.target(x)
     assert not y.requires_grad
-    src.eval()
+    src.train()
+    src[2].p = 0.0  # the copy's dropout is off: compare with the source in training mode without dropout
     momentum_update(parent.target, src, m=0.0)  # m = 0 copies the source
+    buffers = [b.clone() for b in parent.target.buffers() if b.is_floating_point()]
     torch.testing.assert_close(parent.target(x), src(x))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, [b for b in parent.target.buffers() if b.is_floating_point()]))  # running stats untouched
     assert "module.0.weight" in parent.target.state_dict()
 
 
@@ -94,3 +100,20 @@ def test_update_errors():
         momentum_update(nn.Linear(2, 3), nn.Linear(2, 4))
     with pytest.raises(TypeError):
         momentum_copy(3)
+
+
+def test_copy_of_a_head_keeps_samples_apart_when_its_input_varies_little():
+    """A [CLS] that varies by 5 % across reports: with running statistics (mean 0, var 1) every output would be the
+    same vector; on the batch's statistics the copy spreads them as the online head does in training."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, affine=False))
+    x = 1.0 + 0.05 * torch.randn(6, 8)
+    y = momentum_copy(head)(x)
+    head.eval()
+    z_running = nn.functional.normalize(head(x), dim=1)
+    assert (z_running @ z_running.T).min() > 0.99  # what the old copy, on running statistics, produced
+    head.train()
+    with torch.no_grad():
+        torch.testing.assert_close(y, head(x))  # the online head in training mode
+    z = nn.functional.normalize(y, dim=1)
+    assert (z @ z.T)[~torch.eye(6, dtype=torch.bool)].max() < 0.9

@@ -12,10 +12,15 @@ __all__ = ["MomentumCopy", "momentum_copy", "momentum_update"]
 
 
 class MomentumCopy(nn.Module):
-    """A frozen deep copy of a module that always stays in eval mode.
+    """A frozen deep copy of a module: dropout always off; BatchNorm on the batch's statistics while training.
 
-    ``train()`` on the copy or on any parent leaves it (and everything inside it) in eval mode, so its
-    dropout is off and its BatchNorm layers use the running statistics that :func:`momentum_update` averages.
+    ``train()`` on the copy or on any parent leaves its dropout off; in training mode its BatchNorm layers normalise
+    with the statistics of the batch they see (as the momentum encoders of MoCo and ALBEF, which run in training mode)
+    and never update their running buffers; in eval mode they use the running buffers, as the online module does.
+    Running statistics would be wrong while training: :func:`momentum_update` averages the online
+    module's running statistics with m = 0.995, so they lag hundreds of steps behind, and a head whose input varies
+    little across a batch (a sentence encoder's [CLS] does) then maps every sample to nearly the same vector
+    (measured: every report's momentum embedding identical to 3 decimals, the text ICL term stuck at ln(B)).
     The forward pass runs without autograd. Attribute access falls through to the wrapped module (e.g.
     ``copy.hidden_size``, ``copy.tokenize``). In a ``state_dict`` the copy's entries sit under ``module.``.
 
@@ -32,11 +37,19 @@ class MomentumCopy(nn.Module):
         self.module = copy.deepcopy(module)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        super().train(False)
+        for bn in self._batch_norms():
+            bn.momentum = 0.0  # batch statistics in a training-mode pass leave the running buffers as they are
+        self.train(True)
+
+    def _batch_norms(self) -> list[nn.Module]:
+        return [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def train(self, mode: bool = True) -> "MomentumCopy":
-        """Ignore ``mode``: a momentum copy is never trained directly."""
-        return super().train(False)
+        """Dropout off whatever ``mode``; BatchNorm on batch statistics when ``mode`` is True."""
+        super().train(False)
+        for bn in self._batch_norms():
+            bn.training = mode
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
