@@ -195,6 +195,13 @@ def test_a_text_rate_of_zero_freezes_the_text_encoder_but_not_its_heads(tiny_amv
     listed = {id(p) for p in groups[0]["params"]}
     assert {id(p) for p in tiny_amvlm.text_global.parameters()} <= listed
     assert not {id(p) for p in tiny_amvlm.text_encoder.parameters()} & listed
+    tiny_amvlm.train()  # the frozen tower stays in eval mode (no dropout noise); everything trainable trains
+    assert not any(m.training for m in tiny_amvlm.text_encoder.modules())
+    assert tiny_amvlm.text_global.training and tiny_amvlm.image_encoder.training
+    tokens = tiny_amvlm.tokenize(["No lesion is visible."] * 2)
+    with torch.no_grad():
+        cls = tiny_amvlm.text_encoder(**tokens).cls
+    torch.testing.assert_close(cls[0], cls[1])  # deterministic: no dropout
 
 
 def test_a_conv_stem_checkpoint_loads_back_with_its_stem(tmp_path):

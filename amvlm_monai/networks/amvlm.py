@@ -137,6 +137,17 @@ class AMVLM(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     # ---- encoding -------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "AMVLM":
+        """As ``nn.Module.train``, except that an encoder with no trainable parameter (a frozen tower, e.g. the text
+        encoder with ``text_learning_rate`` 0) stays in eval mode: its dropout would only add noise to features that
+        never learn. (Measured on MiniLM: dropout moves a report's [CLS] by 0.8 times the spread between reports.)"""
+        super().train(mode)
+        for name in ("image_encoder", "text_encoder"):
+            tower = getattr(self, name, None)
+            if mode and tower is not None and not any(p.requires_grad for p in tower.parameters()):
+                tower.eval()
+        return self
+
     def tokenize(self, texts: Sequence[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Reports -> ``input_ids``, ``attention_mask``, ``word_index``, each (B, L), on ``device``."""
         tokens = self.text_encoder.tokenize(list(texts))
