@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import REPORTS
 from ignite.engine import Events
 
@@ -237,44 +236,3 @@ def test_only_the_averaged_statistics_do_not_fit_the_teachers_weights(teacher_bn
     else:
         assert ((ratios > 0.8) & (ratios < 1.25)).all(), ratios
         assert gap < 0.02
-
-
-def test_mask_supervision_fits_the_text_mask_to_the_labels(stage1_ckpt):
-    """Option (not in the paper): Dice + BCE of the labelled images' text masks against their labels. The loss equals
-    MONAI's DiceLoss (per image and channel, smooth 1e-5) plus BCE; it is a term of the step, reaches the decoder's
-    threshold b, and gives the diagnostic for free."""
-    from monai.losses import DiceLoss
-
-    guidance = build_text_guidance(str(stage1_ckpt), mask_supervision=0.5)
-    images = torch.randn(3, 1, 32, 32)
-    labels = (torch.rand(3, 1, 32, 32) > 0.6).float()
-    loss, masks = guidance.supervised_masks(images, REPORTS[:3], labels, multiclass=False)
-    probs = guidance.text_masks(images, REPORTS[:3]).clamp(1e-6, 1 - 1e-6)
-    torch.testing.assert_close(masks.clamp(1e-6, 1 - 1e-6), probs)
-    expected = DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)(probs, labels) + F.binary_cross_entropy(probs, labels)
-    torch.testing.assert_close(loss, expected)
-    loss.backward()
-    assert guidance.generator.b.grad is not None and float(guidance.generator.b.grad.abs()) > 0
-    # multi-class: K foreground masks against the one-hot foreground of class indices
-    classes = torch.randint(0, 3, (3, 1, 32, 32))
-    two = torch.rand(3, 2, 32, 32)
-    guidance.generator.masks = lambda dense, prompts: two[:, :, ::2, ::2]
-    loss_mc, _ = guidance.supervised_masks(images, REPORTS[:3], classes, multiclass=True)
-    up = F.interpolate(two[:, :, ::2, ::2], size=(32, 32), mode="bilinear", align_corners=False).clamp(1e-6, 1 - 1e-6)
-    target = torch.cat([(classes == 1), (classes == 2)], 1).float()
-    torch.testing.assert_close(loss_mc, DiceLoss(smooth_nr=1e-5, smooth_dr=1e-5)(up, target)
-                               + F.binary_cross_entropy(up, target))
-    with pytest.raises(ValueError, match="mask_supervision"):
-        build_text_guidance(str(stage1_ckpt), mask_supervision=-1)
-
-
-def test_mask_supervision_is_a_term_of_the_stage2_step(stage1_ckpt):
-    guidance = build_text_guidance(str(stage1_ckpt), mask_supervision=1.0)
-    labeled, unlabeled = Batches(2, 3, "l", True, 0), Batches(3, 2, "u", False, 1)
-    trainer, *_, outputs = _trainer(labeled, unlabeled, guidance, epochs=1, diagnostic_interval=2)
-    seen = []
-    guidance.generator.patch_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    trainer.run()
-    assert all(math.isfinite(o["mask_supervision"]) for o in outputs)
-    assert [i for i, o in enumerate(outputs) if "text_mask_dice" in o] == [0, 2]
-    assert seen == [2, 3] * 3  # the labelled images pass the tower once per step, the diagnostic reuses their masks

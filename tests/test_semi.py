@@ -35,33 +35,6 @@ def test_binary_logit_fusion_is_product_of_experts():
     assert torch.isfinite(edge).all() and edge[0, 0, 0, 0] < 1e-4 and edge[0, 0, 0, 1] > 1 - 1e-4
 
 
-def test_centred_fusion_by_hand_and_a_flat_mask_is_neutral():
-    logits = torch.tensor([1.0, -2.0, 0.5, 3.0]).reshape(1, 1, 2, 2)
-    t = torch.tensor([0.8, 0.3, 0.5, 0.1]).reshape(1, 1, 2, 2)
-    lt = [math.log(v / (1 - v)) for v in t.flatten().tolist()]
-    mean = sum(lt) / 4
-    for lam in (1.0, 0.5):
-        expected = [_sig(l + lam * (x - mean)) for l, x in zip(logits.flatten().tolist(), lt)]
-        out = fuse_pseudo_labels(logits, t, lam=lam, mode="centred").flatten().tolist()
-        assert out == pytest.approx(expected, rel=1e-5)
-    # a mask that is the same everywhere (no localisation), however low, leaves the teacher as it is; the plain
-    # logit fusion turns the same mask into "background everywhere"
-    flat = torch.full_like(t, 0.02)
-    torch.testing.assert_close(fuse_pseudo_labels(logits, flat, mode="centred"), torch.sigmoid(logits))
-    assert fuse_pseudo_labels(logits, flat).max() < torch.sigmoid(logits).max() - 0.2
-    # per image and per channel: the other image's mask does not shift this one
-    two = torch.cat([t, torch.full_like(t, 0.9)])
-    torch.testing.assert_close(fuse_pseudo_labels(logits.expand(2, 1, 2, 2), two, mode="centred")[0:1],
-                               fuse_pseudo_labels(logits, t, mode="centred"))
-    # multi-class: log T_c centred per channel
-    lg = torch.zeros(1, 2, 1, 2)
-    tm = torch.tensor([[[[0.5, 0.5]], [[0.8, 0.2]]]])
-    c = 0.5 * (math.log(0.8) + math.log(0.2))
-    e1 = [math.exp(math.log(0.8) - c), math.exp(math.log(0.2) - c)]
-    out = fuse_pseudo_labels(lg, tm, mode="centred", multiclass=True)
-    assert out[0, 1, 0].tolist() == pytest.approx([e1[0] / (1 + e1[0]), e1[1] / (1 + e1[1])], rel=1e-5)
-
-
 def test_multiclass_fusion_by_hand():
     logits = torch.tensor([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1)
     t = torch.tensor([0.5, 0.2, 0.9]).reshape(1, 3, 1, 1)

@@ -191,14 +191,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
                         teacher_logits = engine.teacher(x_u + noise).float()
                 if engine.guidance is not None:
                     masks, tg = engine.guidance(x_u, list(unl["text"]))  # the frozen towers see unlabelled images only
-                    masks_l = None
-                    if engine.guidance.mask_supervision > 0:
-                        terms["mask_supervision"], masks_l = engine.guidance.supervised_masks(
-                            x_l, list(batchdata["text"]), y_l, engine.multiclass)
-                        loss = loss + engine.guidance.mask_supervision * terms["mask_supervision"]
                     if engine.diagnostic_interval and (engine.state.iteration - 1) % engine.diagnostic_interval == 0:
-                        if masks_l is None:
-                            masks_l = engine.guidance.text_masks(x_l, list(batchdata["text"]))
+                        masks_l = engine.guidance.text_masks(x_l, list(batchdata["text"]))
                         terms["text_mask_dice"] = _hard_dice(masks_l, y_l, engine.multiclass)
                     pseudo = engine.guidance.fuse(teacher_logits, masks.float(), engine.multiclass)
                     if tg is not None:

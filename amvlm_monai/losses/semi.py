@@ -24,7 +24,7 @@ __all__ = [
     "AUTHORS_FUSION_RANGE",
 ]
 
-_MODES = ("logit", "centred", "authors")
+_MODES = ("logit", "authors")
 
 # Range of mode="authors" for text masks in [0, 1]: sigmoid(P_T + T) with P_T, T in [0, 1].
 AUTHORS_FUSION_RANGE = (0.5, 1.0 / (1.0 + math.exp(-2.0)))  # (0.5, 0.8808)
@@ -47,10 +47,6 @@ def fuse_pseudo_labels(
     - ``mode="logit"``, multi-class: ``Y = softmax_c(teacher_logits_c + lam * log T_c)`` over channels, ``T_c``
       clamped below at ``eps``. ``text_mask`` needs one channel per class, background included (e.g. from a
       background prompt).
-    - ``mode="centred"`` (not in the paper): the text term relative to its own mean over each image's pixels,
-      ``Y = sigmoid(teacher_logits + lam * (logit(T) - mean_hw logit(T)))`` (multi-class: ``log T_c`` centred per
-      channel). A text mask that is the same everywhere (no localisation) leaves the teacher unchanged, however
-      low it is; the plain form lets such a mask push every pixel to background.
     - ``mode="authors"`` (binary only, kept for comparison; a defect of the released code): ``Y = sigmoid(P_T + T)``
       with ``P_T = sigmoid(teacher_logits)``, a double sigmoid. For ``T`` in [0, 1] its output lies in
       ``[0.5, sigmoid(2) ~ 0.881]`` (:data:`AUTHORS_FUSION_RANGE`): a pixel can never be labelled background. (In the
@@ -61,7 +57,7 @@ def fuse_pseudo_labels(
         teacher_logits: ``(B, C, *spatial)`` raw teacher outputs (before sigmoid/softmax).
         text_mask: ``(B, C, *spatial)`` text masks in [0, 1] at the same resolution.
         lam: weight lambda >= 0 of the text term (0 gives the teacher alone).
-        mode: ``"logit"`` (default), ``"centred"`` or ``"authors"``.
+        mode: ``"logit"`` (default) or ``"authors"``.
         multiclass: softmax over channels (C >= 2) instead of per-channel sigmoid.
         eps: clamp for the logit/log of ``T``.
         detach: return a target without gradient (default), so the consistency loss trains only the student.
@@ -95,12 +91,10 @@ def fuse_pseudo_labels(
                 "mode='authors' is binary only (the released code has no multi-class path); use mode='logit'."
             )
         out = torch.sigmoid(torch.sigmoid(teacher_logits) + text_mask)
+    elif multiclass:
+        out = torch.softmax(teacher_logits + lam * torch.log(text_mask.clamp(min=eps)), dim=1)
     else:
-        text = torch.log(text_mask.clamp(min=eps)) if multiclass else torch.logit(text_mask, eps=eps)
-        if mode == "centred":
-            text = text - text.mean(dim=tuple(range(2, text.ndim)), keepdim=True)
-        fused = teacher_logits + lam * text
-        out = torch.softmax(fused, dim=1) if multiclass else torch.sigmoid(fused)
+        out = torch.sigmoid(teacher_logits + lam * torch.logit(text_mask, eps=eps))
     return out.detach() if detach else out
 
 

@@ -77,24 +77,16 @@ class TextGuidance(nn.Module):
             the ablation rows MT + CSS / ICL without L_tg).
         tg_weight: weight of L_tg in the total loss.
         fusion_lambda: lambda of the logit-space fusion.
-        fusion_mode: "logit" (default), "centred" (the text term relative to its mean over the image, see
-            :func:`~amvlm_monai.losses.semi.fuse_pseudo_labels`) or "authors" (sigmoid(P_T + T), kept for comparison).
+        fusion_mode: "logit" (default) or "authors" (sigmoid(P_T + T), kept for comparison).
         class_prompts: multi-class data: one prompt per foreground class (K = C - 1 masks); None: the paired report.
-        mask_supervision: weight of a Dice + BCE loss of the labelled images' text masks against their labels (not in
-            the paper, whose decoder learns from L_tg alone; 0 switches it off). It fits the mask's threshold b and
-            scale w: without it a mask whose similarities sit below b (no alignment yet) is near 0 everywhere, and
-            the logit fusion then pushes every pseudo label to background.
     """
 
     def __init__(self, amvlm: nn.Module, generator: TextMaskGenerator, tg_loss: Optional[nn.Module] = None,
                  tg_weight: float = 1.0, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
-                 class_prompts: Optional[Sequence[str]] = None, mask_supervision: float = 0.0) -> None:
+                 class_prompts: Optional[Sequence[str]] = None) -> None:
         super().__init__()
-        if fusion_mode not in ("logit", "centred", "authors"):
-            raise ValueError(f"fusion_mode must be 'logit', 'centred' or 'authors', got '{fusion_mode}'.")
-        if not mask_supervision >= 0:
-            raise ValueError(f"mask_supervision must be >= 0, got {mask_supervision}.")
-        self.mask_supervision = float(mask_supervision)
+        if fusion_mode not in ("logit", "authors"):
+            raise ValueError(f"fusion_mode must be 'logit' or 'authors', got '{fusion_mode}'.")
         self.amvlm = amvlm.requires_grad_(False).eval()
         self.generator = generator
         self.tg_loss = tg_loss
@@ -188,28 +180,6 @@ class TextGuidance(nn.Module):
         return fuse_pseudo_labels(teacher_logits, masks, lam=self.fusion_lambda, mode=self.fusion_mode,
                                   multiclass=multiclass)
 
-    def supervised_masks(self, images: torch.Tensor, texts: Sequence[str], labels: torch.Tensor,
-                         multiclass: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text masks of labelled images and their Dice + BCE against the labels (gradient into the decoder, w, b).
-
-        Args:
-            images: (B, C, H, W); texts: B paired reports; labels: (B, 1, H, W) in {0, 1}, or class indices.
-
-        Returns:
-            loss (scalar) and the masks (B, K, H, W), detached.
-        """
-        low = self.generator.masks(self.generator.dense(images), self.prompts(texts, images.device))
-        masks = F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False).float()
-        if multiclass:
-            target = F.one_hot(labels[:, 0].long(), masks.shape[1] + 1).permute(0, 3, 1, 2)[:, 1:].float()
-        else:
-            target = labels.float()
-        probs = masks.clamp(1e-6, 1 - 1e-6)
-        dims = tuple(range(2, probs.ndim))
-        dice = 1 - (2 * (probs * target).sum(dims) + 1e-5) / (probs.sum(dims) + target.sum(dims) + 1e-5)
-        loss = dice.mean() + F.binary_cross_entropy(probs, target)
-        return loss, masks.detach()
-
     @torch.no_grad()
     def text_masks(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Text masks only, (B, K, H, W) in [0, 1], without L_tg (diagnostics and pictures)."""
@@ -221,8 +191,7 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
                         temperature: float = 0.07, fusion_lambda: float = 1.0, fusion_mode: str = "logit",
                         num_blocks: int = 2, class_prompts: Optional[Sequence[str]] = None,
                         text_model: Optional[str] = None, device: str | torch.device = "cpu",
-                        frozen_amp: bool | str = True, reports: Optional[Sequence[str]] = None,
-                        mask_supervision: float = 0.0) -> TextGuidance:
+                        frozen_amp: bool | str = True, reports: Optional[Sequence[str]] = None) -> TextGuidance:
     """A :class:`TextGuidance` on a stage-1 checkpoint (see :func:`~amvlm_monai.networks.amvlm.load_amvlm`).
 
     Only the parts stage 2 uses are built and read (memory-mapped) from the checkpoint.
@@ -262,8 +231,7 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
     generator = TextMaskGenerator(patches, grid_size=grid, embed_dim=amvlm.config["embed_dim"],
                                   num_blocks=num_blocks)
     tg = TextGuidedLoss(temperature=temperature, extended=extended) if use_tg else None
-    guidance = TextGuidance(amvlm, generator, tg, tg_weight, fusion_lambda, fusion_mode, class_prompts,
-                            mask_supervision)
+    guidance = TextGuidance(amvlm, generator, tg, tg_weight, fusion_lambda, fusion_mode, class_prompts)
     guidance._cache.update(cache)
     if reports is not None:
         guidance.release_text_tower(source=text_tower)  # a report met later (e.g. in pictures) still works
