@@ -9,6 +9,8 @@
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display needed). Images come in
 as the pipelines give them, ``(C, H, W)`` with C = 1 (grey) or 3 (colour), any intensity range (shown min-max).
+MONAI's readers put the x axis first (a PNG of width W and height H loads as ``(C, W, H)``), so with ``xy=True`` (the
+default) every array is transposed to rows and columns and the picture looks like the file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def to_display(image) -> np.ndarray:
     lo, hi = np.nanmin(a), np.nanmax(a)
     a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
+
+
+def _rows(a, xy: bool):
+    """MONAI's (..., x, y) -> (..., rows, columns) when ``xy``; None stays None."""
+    if a is None or not xy:
+        return a
+    return np.swapaxes(_numpy(a), -1, -2)
 
 
 def _mask2d(mask) -> np.ndarray:
@@ -100,7 +109,7 @@ def _wrap(text: str, width: int, max_lines: int = 8) -> list[str]:
 
 
 def segmentation_panel(image, label=None, pred=None, text_mask=None, report: Optional[str] = None,
-                       title: Optional[str] = None, multiclass: bool = False) -> np.ndarray:
+                       title: Optional[str] = None, multiclass: bool = False, xy: bool = True) -> np.ndarray:
     """One test image as a row of pictures, as an ``(H, W, 3)`` uint8 RGB array.
 
     Args:
@@ -111,7 +120,9 @@ def segmentation_panel(image, label=None, pred=None, text_mask=None, report: Opt
         report: printed under the pictures.
         title: over the first picture (e.g. the image id and its Dice).
         multiclass: label and pred are class indices (coloured per class).
+        xy: the arrays are in MONAI's spatial order, x first (see the module's notes); False: rows first.
     """
+    image, label, pred, text_mask = (_rows(a, xy) for a in (image, label, pred, text_mask))
     rgb = to_display(image)
     columns: list[tuple[str, np.ndarray, Optional[np.ndarray]]] = [(title or "image", rgb, None)]
     if label is not None:
@@ -137,8 +148,8 @@ def segmentation_panel(image, label=None, pred=None, text_mask=None, report: Opt
     return _to_array(fig)
 
 
-def alignment_figure(image, reports: Sequence[str], similarity, variance_image, variance_attended=None
-                     ) -> np.ndarray:
+def alignment_figure(image, reports: Sequence[str], similarity, variance_image, variance_attended=None,
+                     xy: bool = True) -> np.ndarray:
     """Alignment heat-maps of one image, as an ``(H, W, 3)`` uint8 RGB array.
 
     Top row: the image and the PDT's predicted variance of its patch embeddings (report-free). One row per report:
@@ -152,9 +163,12 @@ def alignment_figure(image, reports: Sequence[str], similarity, variance_image, 
         similarity: ``(K, h, w)`` patch-report cosine similarity.
         variance_image: ``(h, w)`` mean over D of the PDT's sigma^2 of the image patches.
         variance_attended: ``(K, h, w)`` the same for the attended words of each report, or None.
+        xy: the arrays are in MONAI's spatial order, x first (see the module's notes); False: rows first.
     """
     from matplotlib.figure import Figure
 
+    image, similarity, variance_image, variance_attended = (
+        _rows(a, xy) for a in (image, similarity, variance_image, variance_attended))
     rgb = to_display(image)
     sim, var_img = _numpy(similarity), _numpy(variance_image)
     var_att = _numpy(variance_attended) if variance_attended is not None else None

@@ -224,3 +224,29 @@ def test_tensorboard_handler_logs_terms_lr_and_the_validators_metrics_and_panels
     assert [e.step for e in acc.Scalars("validation/val_mean_dice")] == [1, 2]  # the trainer's epoch
     assert sorted(tags["images"]) == ["validation_panels/a", "validation_panels/b"]
     assert [e.step for e in acc.Images("validation_panels/a")] == [1, 2]
+
+
+def test_panel_shows_a_png_the_way_round_the_file_is(tmp_path):
+    """MONAI loads a W x H PNG as (1, W, H); the panel transposes it back: a lesion at the file's top right (rows
+    2-7, columns 40-55 of a 64 wide, 32 high image) is drawn at the picture's top right."""
+    from PIL import Image
+
+    from amvlm_monai.transforms.pipelines import segmentation_transforms
+
+    img = np.zeros((32, 64), np.uint8)
+    img[2:8, 40:56] = 255
+    Image.fromarray(img).save(tmp_path / "i.png")
+    Image.fromarray(img).save(tmp_path / "m.png")
+    item = segmentation_transforms((64, 32), with_text=False)({"image": str(tmp_path / "i.png"),
+                                                               "label": str(tmp_path / "m.png")})
+    assert tuple(item["image"].shape) == (1, 64, 32)  # x first
+    pic = vis.segmentation_panel(item["image"], item["label"])
+    green = (pic[..., 1].astype(int) - pic[..., 0] > 40) & (pic[..., 1].astype(int) - pic[..., 2] > 40)
+    half = pic.shape[1] // 2  # the second picture (ground truth) is the right half
+    drawn = np.nonzero(pic[:, half:].max(axis=-1) < 200)  # the (mostly black) image on the white figure
+    top, bottom, left, right = drawn[0].min(), drawn[0].max(), drawn[1].min(), drawn[1].max()
+    assert (right - left) > 1.6 * (bottom - top)  # wider than high, as the file
+    rows, cols = np.nonzero(green[:, half:])
+    assert (rows.mean() - top) / (bottom - top) < 0.3 and (cols.mean() - left) / (right - left) > 0.6
+    flipped = vis.segmentation_panel(item["image"], item["label"], xy=False)
+    assert not np.array_equal(flipped, pic)
