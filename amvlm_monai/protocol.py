@@ -155,10 +155,10 @@ class Protocol:
         overlay, kind, _ = METHODS[method]
         out = self.work / f"seed{seed}" / f"labeled{labeled}" / method
         models = self.work / f"seed{seed}" / "models"
-        if kind is not None:
-            self.pretrain(seed, kind)
         common = dict(self.overrides, **self.method_overrides.get(method, {}), dataset_dir=str(self.data),
                       labeled_percent=labeled, seed=seed)
+        if kind is not None:  # named for training and evaluation alike (evaluation draws the text masks in its panels)
+            common["pretrained_path"] = str(self.pretrain(seed, kind))
         diagnostic = dict(pseudo_label_diagnostic=method != "supervised")
         train_cfg = ["configs/train.json", f"configs/variants/{overlay}"]
         tag = f"seed{seed}_labeled{labeled}_{method}"

@@ -72,3 +72,10 @@ def test_make_demo_quick_runs_every_step_and_prints_the_table(tmp_path):
     for method in ("supervised", "mean_teacher", "amvlm"):
         assert (tmp_path / "seed0" / "labeled25" / method / "model.pt").is_file()
     assert (tmp_path / "seed0" / "models" / "amvlm_pretrained.json").is_file()
+    from PIL import Image
+
+    def width(method):  # evaluation panels: image | truth | prediction (| text mask, with a stage-1 checkpoint)
+        panel = sorted((tmp_path / "seed0" / "labeled25" / method / "panels").glob("*.png"))[0]
+        return Image.open(panel).size[0]
+
+    assert width("amvlm") > 1.2 * width("supervised")
