@@ -15,16 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-TINY = dict(image_size=32, patch_size=8, vit_width=32, vit_depth=1, vit_heads=2, vit_mlp=64, text_layers=1,
-            max_words=24, embed_dim=16, head_hidden=32, pdt_heads=2)
-REPORTS = [
-    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung.",
-    "No lesion is visible.",
-    "Unilateral pulmonary infection, one infected area, medium upper right lung.",
-    "Unilateral pulmonary infection, one infected area, small lower left lung.",
-    "Small effusion.",
-    "Lower left lung.",
-]
+from conftest import REPORTS as _REPORTS, TINY  # noqa: E402  (this file's folder is first on sys.path)
+
+REPORTS = _REPORTS + ["Small effusion.", "Lower left lung."]
 GLOBAL_BATCH, STEPS = 6, 2
 
 
