@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -22,7 +23,8 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["error_lines", "cli_errors", "check_writable", "dropped_overrides", "bundle_guard", "root_cause"]
+__all__ = ["error_lines", "cli_errors", "check_writable", "dropped_overrides", "bundle_guard", "root_cause",
+           "parse_key_values"]
 
 _DEBUG_ENV = "AMVLM_DEBUG"
 _FULL_ENV = "AMVLM_FULL_TRACEBACK"
@@ -96,6 +98,24 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
         err.filename = str(path)
         raise err from None
     return path
+
+
+def parse_key_values(pairs: Sequence[str], option: str = "--set") -> dict:
+    """``["key=json", ...]`` from a command line -> dict; a value that is not JSON is taken as a string.
+
+    Raises:
+        ValueError: naming ``option`` and the pair, when a pair is not KEY=VALUE.
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option}: {pair!r} is not KEY=VALUE (VALUE in JSON or a bare string)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def dropped_overrides(argv: Sequence[str]) -> list[str]:

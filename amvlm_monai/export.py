@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from amvlm_monai.cli import parse_key_values
+
 __all__ = ["export_bundle", "read_eval_metrics", "required_packages", "vendor_package", "monai_network_def", "main"]
 
 logger = logging.getLogger(__name__)
@@ -299,19 +301,6 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set needs KEY=VALUE (VALUE in JSON), got {pair!r}.")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare string
-    return out
-
-
 def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, eval_dir: Optional[str | Path] = None,
                   overrides: Optional[dict] = None, weights_url: Optional[str] = None, version: Optional[str] = None,
                   overwrite: bool = False) -> dict[str, Path]:
@@ -469,7 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = export_bundle(args.bundle, args.model_dir, args.out, eval_dir=args.eval_dir,
-                                overrides=_parse_sets(args.set), weights_url=args.weights_url, version=args.version,
+                                overrides=parse_key_values(args.set), weights_url=args.weights_url, version=args.version,
                                 overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

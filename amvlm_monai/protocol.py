@@ -39,6 +39,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from amvlm_monai.cli import parse_key_values
+
 __all__ = ["METHODS", "PRETRAIN", "Protocol", "summarise", "stage1_alignment", "main"]
 
 #: method -> (stage-2 variant overlay under configs/variants, stage-1 checkpoint it needs or None, table label)
@@ -60,20 +62,6 @@ PRETRAIN: dict[str, tuple[Optional[str], str]] = {
 COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvlm", "supervised"))
 
 logger = logging.getLogger(__name__)
-
-
-def _parse_sets(pairs: Sequence[str], what: str) -> dict[str, Any]:
-    """``["key=json", ...]`` -> dict; a value that is not JSON is taken as a string."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: {what}: '{pair}' is not KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 class Protocol:
@@ -373,14 +361,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args(argv)
     per_method: dict[str, dict[str, Any]] = {}
-    for item in args.method_set:
-        method, sep, pair = item.partition(":")
-        if not sep:
-            raise SystemExit(f"error: --method-set: '{item}' is not METHOD:KEY=VALUE")
-        per_method.setdefault(method, {}).update(_parse_sets([pair], "--method-set"))
     try:
-        protocol = Protocol(args.bundle, args.data, args.work, args.config, _parse_sets(args.set, "--set"),
-                            _parse_sets(args.pretrain_set, "--pretrain-set"), per_method)
+        for item in args.method_set:
+            method, sep, pair = item.partition(":")
+            if not sep:
+                raise ValueError(f"--method-set: '{item}' is not METHOD:KEY=VALUE")
+            per_method.setdefault(method, {}).update(parse_key_values([pair], "--method-set"))
+        protocol = Protocol(args.bundle, args.data, args.work, args.config, parse_key_values(args.set, "--set"),
+                            parse_key_values(args.pretrain_set, "--pretrain-set"), per_method)
         rows = protocol.run(args.methods, args.labeled, args.seeds)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

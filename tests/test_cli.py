@@ -9,10 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from amvlm_monai.cli import bundle_guard, check_writable, cli_errors, dropped_overrides, error_lines, root_cause
+from amvlm_monai.cli import (bundle_guard, check_writable, cli_errors, dropped_overrides, error_lines,
+                             parse_key_values, root_cause)
 from amvlm_monai.data.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_key_values_json_or_string_and_the_option_named():
+    assert parse_key_values(["a=1", "b=x", "c=[1, 2]", "d=null", "e="]) == {"a": 1, "b": "x", "c": [1, 2], "d": None,
+                                                                         "e": ""}
+    for bad in ("nope", "=1"):
+        with pytest.raises(ValueError, match="--pretrain-set: .* is not KEY=VALUE"):
+            parse_key_values([bad], "--pretrain-set")
 
 
 def test_error_lines():
