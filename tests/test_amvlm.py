@@ -238,3 +238,19 @@ def test_icl_text_view_tells_reports_apart_at_the_start(tiny_amvlm):
     x = torch.randn(len(REPORTS), 1, 32, 32)
     terms = AMVLMLoss()(tiny_amvlm, x, tokens, x, tokens)
     assert float(terms["icl_coarse_text"]) < math.log(len(REPORTS)) - 0.5
+
+
+def test_linear_heads_round_trip_through_a_checkpoint(tmp_path):
+    from amvlm_monai.networks.amvlm import AMVLM, load_amvlm
+
+    torch.manual_seed(0)
+    m = AMVLM(**{**TINY, "with_momentum": False}, head="linear").eval()
+    assert m.config["head"] == "linear"
+    assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in m.image_global.modules())
+    torch.save({"model": m.state_dict(), "config": m.config}, tmp_path / "lin.pt")
+    loaded = load_amvlm(tmp_path / "lin.pt").eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(loaded.patch_embeddings(x), m.patch_embeddings(x), atol=1e-6)
+    old = {**m.config}
+    del old["head"]  # a checkpoint written before the option: MGCA's heads
+    assert AMVLM(**{**old, "with_momentum": False}).config["head"] == "mlp"

@@ -35,6 +35,30 @@ def test_global_head_train_mode_normalised_and_shape_errors():
         GlobalHead(6, hidden_dim=0)
 
 
+def test_linear_head_is_one_linear_map_and_independent_of_the_batch():
+    torch.manual_seed(0)
+    head = GlobalHead(6, out_dim=4, hidden_dim=8, kind="linear").train()
+    (lin,) = head.mlp
+    x = torch.randn(5, 6)
+    ref = F.normalize(x @ lin.weight.T + lin.bias, dim=-1)
+    torch.testing.assert_close(head(x), ref)
+    torch.testing.assert_close(head(x[:1]), ref[:1])  # no batch statistics: one sample alone gives the same
+    local = LocalHead(6, out_dim=4, hidden_dim=8, kind="linear")
+    local.load_state_dict(head.state_dict())
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    tokens = torch.randn(2, 3, 6)
+    torch.testing.assert_close(local(tokens, mask)[mask], head(tokens[mask]))
+    with pytest.raises(ValueError, match="head kind must be one of"):
+        GlobalHead(6, kind="batchnorm")
+
+
+def test_mlp_head_depends_on_the_batch_in_training_mode():  # why the linear kind exists (heads.py docstring)
+    torch.manual_seed(0)
+    head = GlobalHead(6, out_dim=4, hidden_dim=8).train()
+    x = torch.randn(5, 6)
+    assert not torch.allclose(head(x)[:2], head(x[:2]), atol=1e-3)
+
+
 def _pair(seed=0):
     torch.manual_seed(seed)
     local = LocalHead(6, out_dim=4, hidden_dim=8)

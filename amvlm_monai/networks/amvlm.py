@@ -68,6 +68,8 @@ class AMVLM(nn.Module):
         max_words: tokenizer length limit (the paper: 20).
         embed_dim: D, the joint embedding width (paper: 128).
         head_hidden: hidden width of the projection heads (paper: 2048).
+        head: kind of the four projection heads, ``"mlp"`` (MGCA's BatchNorm MLP, the paper's) or ``"linear"``
+            (one linear map, as CLIP; no batch dependence; the CPU demo uses it), see :mod:`~.heads`.
         momentum: EMA factor of the momentum copies used for the ICL view (0.995).
         qkv_projections: Q/K/V projections in the CSS cross-attention (False: the authors' projection-free form).
         pdt_heads: attention heads of the PDT.
@@ -83,7 +85,7 @@ class AMVLM(nn.Module):
                  text_model: Optional[str] = None, text_layers: Optional[int] = 6, max_words: int = 20,
                  embed_dim: int = 128, head_hidden: int = 2048, momentum: float = 0.995,
                  qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True,
-                 patch_embed: str = "linear", parts: Optional[Sequence[str]] = None) -> None:
+                 patch_embed: str = "linear", head: str = "mlp", parts: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
@@ -94,7 +96,8 @@ class AMVLM(nn.Module):
                            text_model=None if text_model is None else os.fspath(text_model),
                            text_layers=text_layers, max_words=max_words, embed_dim=embed_dim,
                            head_hidden=head_hidden, momentum=momentum, qkv_projections=qkv_projections,
-                           pdt_heads=pdt_heads, with_momentum=with_momentum, patch_embed=patch_embed)
+                           pdt_heads=pdt_heads, with_momentum=with_momentum, patch_embed=patch_embed,
+                           head=head)
         self.momentum = momentum
         self.parts = tuple(PARTS if parts is None else parts)
         unknown = sorted(set(self.parts) - set(PARTS))
@@ -107,10 +110,10 @@ class AMVLM(nn.Module):
                                                 hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
                                                 mlp_dim=vit_mlp, patch_embed=patch_embed),
             "text_encoder": lambda: TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers),
-            "image_global": lambda: GlobalHead(vit_width, embed_dim, head_hidden),
-            "image_local": lambda: LocalHead(vit_width, embed_dim, head_hidden),
-            "text_global": lambda: GlobalHead(text_width(text_model), embed_dim, head_hidden),
-            "text_local": lambda: LocalHead(text_width(text_model), embed_dim, head_hidden),
+            "image_global": lambda: GlobalHead(vit_width, embed_dim, head_hidden, head),
+            "image_local": lambda: LocalHead(vit_width, embed_dim, head_hidden, head),
+            "text_global": lambda: GlobalHead(text_width(text_model), embed_dim, head_hidden, head),
+            "text_local": lambda: LocalHead(text_width(text_model), embed_dim, head_hidden, head),
             "attend_words": lambda: CrossAttention(embed_dim, qkv_projections=qkv_projections),
             "attend_patches": lambda: CrossAttention(embed_dim, qkv_projections=qkv_projections),
             "pdt_image": lambda: PDT(embed_dim, num_heads=pdt_heads),

@@ -1,4 +1,12 @@
-"""Projection heads (MGCA's global and local embeddings): encoder width d -> joint space D, L2-normalised."""
+"""Projection heads (MGCA's global and local embeddings): encoder width d -> joint space D, L2-normalised.
+
+Two kinds: ``"mlp"``, MGCA's Linear -> BN -> ReLU -> Linear -> BN (the paper's), and ``"linear"``, one linear map
+(CLIP's projection). The BatchNorm of ``"mlp"`` standardises every batch, which is what lets a tower trained from
+scratch start: its embeddings of similar images are nearly equal at first and the batch standardisation spreads them.
+It also makes the embeddings depend on the batch: on the 240-image demo the head learnt to match pairs through
+the batch statistics (training-mode L_ita 0.01, the same batch in eval mode 1.7-5.8) and did not generalise.
+The linear head has no batch dependence and no train/eval gap (measured in ``docs/method.md``).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GlobalHead", "LocalHead"]
+__all__ = ["GlobalHead", "LocalHead", "KINDS"]
 
 
-def _mlp(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+#: the kinds of projection head
+KINDS = ("mlp", "linear")
+
+
+def _mlp(in_dim: int, out_dim: int, hidden_dim: int, kind: str = "mlp") -> nn.Sequential:
     for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}.")
+    if kind not in KINDS:
+        raise ValueError(f"head kind must be one of {KINDS}, got {kind!r}.")
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.BatchNorm1d(hidden_dim),
@@ -25,14 +41,16 @@ def _mlp(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
 
 
 class GlobalHead(nn.Module):
-    """Linear -> BN -> ReLU -> Linear -> BN (no affine), then L2 normalisation; for CLS tokens.
+    """Linear -> BN -> ReLU -> Linear -> BN (no affine) (``kind="mlp"``) or one Linear (``kind="linear"``), then L2
+    normalisation; for CLS tokens.
 
     BatchNorm in training mode needs B >= 2.
 
     Args:
         in_dim: encoder width d.
         out_dim: joint embedding width D (paper: 128).
-        hidden_dim: hidden width (paper: 2048).
+        hidden_dim: hidden width (paper: 2048; unused by ``"linear"``).
+        kind: ``"mlp"`` (MGCA's, the paper's) or ``"linear"`` (see the module docstring).
 
     Example::
 
@@ -40,10 +58,10 @@ class GlobalHead(nn.Module):
         >>> head(torch.randn(4, 32)).norm(dim=-1)  # all ones
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048, kind: str = "mlp") -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.mlp = _mlp(in_dim, out_dim, hidden_dim)
+        self.mlp = _mlp(in_dim, out_dim, hidden_dim, kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, d) -> (B, D)``, unit L2 norm per row."""
@@ -61,7 +79,8 @@ class LocalHead(nn.Module):
     Args:
         in_dim: encoder width d.
         out_dim: joint embedding width D (paper: 128).
-        hidden_dim: hidden width (paper: 2048).
+        hidden_dim: hidden width (paper: 2048; unused by ``"linear"``).
+        kind: ``"mlp"`` or ``"linear"``, as :class:`GlobalHead`.
 
     Example::
 
@@ -70,10 +89,10 @@ class LocalHead(nn.Module):
         >>> y = head(torch.randn(2, 3, 32), mask)  # (2, 3, 8); y[0, 2] == y[1, 1:] == 0
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int = 2048, kind: str = "mlp") -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.mlp = _mlp(in_dim, out_dim, hidden_dim)
+        self.mlp = _mlp(in_dim, out_dim, hidden_dim, kind)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
