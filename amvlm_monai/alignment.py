@@ -7,7 +7,8 @@
   reports of ``1 - C(N - m, k) / C(N, k)`` (N images, m of them with that report).
 - **Fact-level retrieval**: reports are paraphrased and many images state the same facts, so exact-pair recall is
   capped. Here a retrieved report is right when its image's facts equal the query image's facts, the facts being
-  read from the binary label masks by :func:`~amvlm_monai.data.describe.find_regions`: ``fact`` = (region count,
+  read from the binary label masks (loaded as (W, H), like PNGs) by :func:`~amvlm_monai.data.describe.find_regions`:
+  ``fact`` = (region count,
   set of sides), ``fact_zone`` = (count, sides, set of upper/middle/lower zones). Image-to-report: the report ranked
   first over the U distinct reports; report-to-image: the image ranked first over the N images (the query's own
   report, or image, is a candidate). A distinct report has the facts of every image it describes. Chance: the share
@@ -93,12 +94,15 @@ def _comb_ratio(n: int, m: int, k: int) -> float:
     return math.exp(math.lgamma(n - m + 1) - math.lgamma(n - m - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1))
 
 
-def label_facts(labels: torch.Tensor) -> dict[str, list[tuple]]:
+def label_facts(labels: torch.Tensor, transposed: bool = True) -> dict[str, list[tuple]]:
     """The facts a report states about each binary mask, from :func:`~amvlm_monai.data.describe.find_regions`
     (the describer's defaults, as the demo's and QaTa's reports are written).
 
     Args:
-        labels: (N, 1, H, W) binary masks ({0, 1}).
+        labels: (N, 1, W, H) binary masks ({0, 1}) as the pipelines load PNGs (MONAI's ``PILReader`` puts the image's
+            columns first), or (N, 1, H, W) in display orientation with ``transposed=False``. Sides and zones are
+            only right in the layout the reports were written from; the count holds in either.
+        transposed: the masks are (W, H): swap the last two axes before reading the facts.
 
     Returns:
         ``{"fact": [(count, sides)], "fact_zone": [(count, sides, zones)]}``, one tuple per mask; ``sides`` and
@@ -110,7 +114,7 @@ def label_facts(labels: torch.Tensor) -> dict[str, list[tuple]]:
 
     Example:
         >>> m = torch.zeros(1, 1, 32, 32)
-        >>> m[0, 0, 2:6, 24:28] = 1  # image top right: upper zone of the patient's left
+        >>> m[0, 0, 24:28, 2:6] = 1  # (x, y): image top right, the upper zone of the patient's left
         >>> label_facts(m)
         {'fact': [(1, (2,))], 'fact_zone': [(1, (2,), (0,))]}
     """
@@ -124,7 +128,7 @@ def label_facts(labels: torch.Tensor) -> dict[str, list[tuple]]:
         raise ValueError(f"labels are not binary (values {values}...): region facts are defined for binary masks "
                          "only (a multi-class label map states other facts).")
     out: dict[str, list[tuple]] = {k: [] for k in FACT_KEYS}
-    for mask in labels[:, 0].numpy():
+    for mask in (labels[:, 0].transpose(-2, -1) if transposed else labels[:, 0]).numpy():
         regions = find_regions(mask)
         sides = tuple(sorted({r.side for r in regions}))
         out["fact"].append((len(regions), sides))

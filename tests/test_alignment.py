@@ -155,13 +155,14 @@ def test_the_cli_scores_a_checkpoint_on_a_split(tiny_amvlm, demo_data, tmp_path,
 # ---- fact-level retrieval: the retrieved report's image states the same facts as the query's -------------------------
 
 def _hand_masks():
-    """Five 32 px masks: facts (count, sides) A A B C C; with zones, images 0 and 1 differ (upper vs lower)."""
+    """Five 32 px masks: facts (count, sides) A A B C C; with zones, images 0 and 1 differ (upper vs lower). Drawn as
+    (row, column), returned as the pipelines load PNGs: (W, H)."""
     m = torch.zeros(5, 1, 32, 32)
     m[0, 0, 2:6, 2:6] = 1  # image left = patient's right (side 0), upper zone
     m[1, 0, 26:30, 2:6] = 1  # side 0, lower zone
     m[2, 0, 2:6, 2:6] = 1  # two regions: side 0 upper ...
     m[2, 0, 12:18, 24:28] = 1  # ... and side 2 (patient's left), middle zone
-    return m  # images 3 and 4 empty
+    return m.transpose(-2, -1)  # images 3 and 4 empty
 
 
 def test_label_facts_by_hand():
@@ -170,6 +171,8 @@ def test_label_facts_by_hand():
     facts = label_facts(_hand_masks())
     assert facts["fact"] == [(1, (0,)), (1, (0,)), (2, (0, 2)), (0, ()), (0, ())]
     assert facts["fact_zone"] == [(1, (0,), (0,)), (1, (0,), (2,)), (2, (0, 2), (0, 1)), (0, (), ()), (0, (), ())]
+    assert label_facts(_hand_masks().transpose(-2, -1), transposed=False) == facts  # display layout
+    assert label_facts(_hand_masks(), transposed=False)["fact"][:3] == [(1, (0,)), (1, (2,)), (2, (0,))]  # rows as sides
     spine = torch.zeros(2, 1, 32, 32)
     spine[0, 0, 4:8, 4:8], spine[1, 0, 10:14, 10:14] = 1, 3  # class indices: not a binary mask
     with pytest.raises(ValueError, match="not binary"):
@@ -262,3 +265,25 @@ def test_fact_recall_is_one_when_aligned_and_can_fail():
     wrong = torch.tensor([2, 3, 0, 2, 2])  # A -> B, A -> C, B -> A, C -> B
     out = fact_recall(txt[wrong], txt, index, facts)
     assert out["i2t_fact_r1"] == 0.0 and out["t2i_fact_r1"] <= 1 / 4  # only report 1 (no image embedded as it) may hit
+
+
+def test_label_facts_read_masks_as_the_pipeline_loads_them(tmp_path):
+    """PNG masks come out of the pipelines as (1, W, H): the facts must still be those the report states."""
+    import numpy as np
+    from PIL import Image
+
+    from amvlm_monai.alignment import label_facts
+    from amvlm_monai.data.describe import describe_mask
+    from amvlm_monai.transforms.pipelines import segmentation_transforms
+
+    mask = np.zeros((32, 48), np.uint8)  # not square: a transposed read would not even have the same shape
+    mask[2:8, 36:44] = 255  # image top right: the patient's upper left
+    mask[22:30, 4:12] = 255  # image bottom left: the patient's lower right
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask).save(tmp_path / "image.png")
+    item = segmentation_transforms((48, 32), labeled=True)({"image": str(tmp_path / "image.png"),
+                                                            "label": str(tmp_path / "mask.png"), "text": "x"})
+    assert "upper left" in describe_mask(mask) and "lower right" in describe_mask(mask)
+    assert item["label"].shape == (1, 48, 32)
+    facts = label_facts(item["label"][None])
+    assert facts["fact_zone"] == [(2, (0, 2), (0, 2))]
