@@ -5,6 +5,14 @@
   and a report retrieves its images when any image it describes is among the k best. Chance levels are given
   beside each recall: ``k / U`` for image-to-report (U distinct reports) and, for report-to-image, the mean over
   reports of ``1 - C(N - m, k) / C(N, k)`` (N images, m of them with that report).
+- **Fact-level retrieval**: reports are paraphrased and many images state the same facts, so exact-pair recall is
+  capped. Here a retrieved report is right when its image's facts equal the query image's facts, the facts being
+  read from the binary label masks (loaded as (W, H), like PNGs) by :func:`~amvlm_monai.data.describe.find_regions`:
+  ``fact`` = (region count,
+  set of sides), ``fact_zone`` = (count, sides, set of upper/middle/lower zones). Image-to-report: the report ranked
+  first over the U distinct reports; report-to-image: the image ranked first over the N images (the query's own
+  report, or image, is a candidate). A distinct report has the facts of every image it describes. Chance: the share
+  of candidates with the query's facts, averaged over queries. Skipped (NaN) when the labels are not binary.
 - **Localisation**: on images that contain a lesion, the similarity of each patch embedding with the global
   embedding of the image's report (the text mask generator's input, before its decoder), upsampled bilinearly to
   the label's size, scores the lesion pixels: its ROC AUC per image (rank formula) averaged over images; and the
@@ -33,9 +41,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["retrieval_recall", "roc_auc", "localisation_scores", "evaluate_alignment", "AlignmentValidation"]
+__all__ = ["retrieval_recall", "label_facts", "fact_recall", "roc_auc", "localisation_scores", "evaluate_alignment",
+           "AlignmentValidation"]
 
 logger = logging.getLogger(__name__)
+
+#: The fact keys of :func:`label_facts`, in the order they are logged.
+FACT_KEYS = ("fact", "fact_zone")
+_warned: set[str] = set()
 
 
 def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_index: torch.Tensor,
@@ -79,6 +92,97 @@ def _comb_ratio(n: int, m: int, k: int) -> float:
     if k >= n or n - m < k:
         return 0.0
     return math.exp(math.lgamma(n - m + 1) - math.lgamma(n - m - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1))
+
+
+def label_facts(labels: torch.Tensor, transposed: bool = True) -> dict[str, list[tuple]]:
+    """The facts a report states about each binary mask, from :func:`~amvlm_monai.data.describe.find_regions`
+    (the describer's defaults, as the demo's and QaTa's reports are written).
+
+    Args:
+        labels: (N, 1, W, H) binary masks ({0, 1}) as the pipelines load PNGs (MONAI's ``PILReader`` puts the image's
+            columns first), or (N, 1, H, W) in display orientation with ``transposed=False``. Sides and zones are
+            only right in the layout the reports were written from; the count holds in either.
+        transposed: the masks are (W, H): swap the last two axes before reading the facts.
+
+    Returns:
+        ``{"fact": [(count, sides)], "fact_zone": [(count, sides, zones)]}``, one tuple per mask; ``sides`` and
+        ``zones`` are sorted tuples of indices (side 0 patient's right, 1 midline, 2 patient's left; zone 0 upper,
+        1 middle, 2 lower).
+
+    Raises:
+        ValueError: when the labels are not (N, 1, H, W) or not binary (multi-class label maps), with the reason.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 32, 32)
+        >>> m[0, 0, 24:28, 2:6] = 1  # (x, y): image top right, the upper zone of the patient's left
+        >>> label_facts(m)
+        {'fact': [(1, (2,))], 'fact_zone': [(1, (2,), (0,))]}
+    """
+    from amvlm_monai.data.describe import find_regions
+
+    if labels.ndim != 4 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be (N, 1, H, W) masks, got {tuple(labels.shape)}.")
+    labels = torch.as_tensor(labels).detach().cpu()
+    if not ((labels == 0) | (labels == 1)).all():
+        values = torch.unique(labels)[:6].tolist()
+        raise ValueError(f"labels are not binary (values {values}...): region facts are defined for binary masks "
+                         "only (a multi-class label map states other facts).")
+    out: dict[str, list[tuple]] = {k: [] for k in FACT_KEYS}
+    for mask in (labels[:, 0].transpose(-2, -1) if transposed else labels[:, 0]).numpy():
+        regions = find_regions(mask)
+        sides = tuple(sorted({r.side for r in regions}))
+        out["fact"].append((len(regions), sides))
+        out["fact_zone"].append((len(regions), sides, tuple(sorted({z for r in regions for z in r.vertical}))))
+    return out
+
+
+def fact_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_index: torch.Tensor, facts: Sequence[Any],
+                ks: Sequence[int] = (1,), name: str = "fact") -> dict[str, float]:
+    """Fact-level recall@k both ways, with chance levels.
+
+    A distinct report has the facts of every image it describes. Image-to-report: a hit when one of the k reports
+    ranked best for the image has the image's facts. Report-to-image: a hit when one of the k images ranked best for
+    the report has one of the report's facts. Candidates are all U reports (N images), the query's own among them;
+    ties in similarity go to the lower index. Chance: the probability that k candidates drawn at random hold a hit,
+    ``1 - C(M - m, k) / C(M, k)`` with m of the M candidates matching, averaged over queries (images; distinct reports).
+
+    Args:
+        image_emb: (N, D) image embeddings.
+        text_emb: (U, D) embeddings of the U distinct reports.
+        text_index: (N,) long: the distinct report of each image.
+        facts: N hashable facts, one per image (e.g. :func:`label_facts`).
+        ks: the k values.
+        name: the metrics' infix.
+
+    Returns:
+        ``i2t_<name>_r<k>``, ``t2i_<name>_r<k>`` and their ``..._chance``, all in [0, 1].
+
+    Example:
+        >>> e = torch.eye(3)
+        >>> out = fact_recall(e, e, torch.arange(3), ["a", "b", "a"])
+        >>> out["i2t_fact_r1"], round(out["t2i_fact_r1_chance"], 4)  # chance (2/3 + 1/3 + 2/3) / 3
+        (1.0, 0.5556)
+    """
+    n, u = image_emb.shape[0], text_emb.shape[0]
+    if text_index.shape != (n,) or len(facts) != n or n == 0 or u == 0:
+        raise ValueError(f"text_index (N,) and facts (N) must match image_emb's N = {n} > 0 with U = {u} > 0, got "
+                         f"{tuple(text_index.shape)} and {len(facts)}.")
+    codes = {f: i for i, f in enumerate(dict.fromkeys(facts))}
+    f = torch.tensor([codes[x] for x in facts], device=image_emb.device)
+    has = torch.zeros(u, len(codes), dtype=torch.bool, device=image_emb.device)  # (U, C): report u states fact c
+    has[text_index, f] = True
+    match = has[:, f].T  # (N, U): report u states image i's facts
+    sim = image_emb.float() @ text_emb.float().T  # (N, U)
+    i2t = sim.argsort(dim=1, descending=True, stable=True)
+    t2i = sim.T.argsort(dim=1, descending=True, stable=True)
+    m_i2t, m_t2i = match.sum(1).tolist(), match.sum(0).tolist()
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_{name}_r{k}"] = float(match.gather(1, i2t[:, :k]).any(1).float().mean())
+        out[f"i2t_{name}_r{k}_chance"] = sum(1 - _comb_ratio(u, m, k) for m in m_i2t) / n
+        out[f"t2i_{name}_r{k}"] = float(match.T.gather(1, t2i[:, :k]).any(1).float().mean())
+        out[f"t2i_{name}_r{k}_chance"] = sum(1 - _comb_ratio(n, m, k) for m in m_t2i) / u
+    return out
 
 
 def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -134,8 +238,10 @@ def evaluate_alignment(model: torch.nn.Module, batches: Iterable[dict], device: 
     (B, 1, H, W) and ``text`` (B reports).
 
     Returns:
-        The metrics of :func:`retrieval_recall` and :func:`localisation_scores`, and ``alignment``: the mean of the
-        two recall@k (largest k) and the localisation AUC, the key metric for keeping a checkpoint.
+        The metrics of :func:`retrieval_recall`, :func:`fact_recall` at k = 1 for each key of :func:`label_facts`
+        (NaN, with a warning giving the reason, when the labels are not binary) and :func:`localisation_scores`, and
+        ``alignment``: the mean of the two recall@k (largest k) and the localisation AUC, the key metric for keeping
+        a checkpoint.
     """
     net = getattr(model, "module", model)
     was_training = net.training
@@ -163,8 +269,22 @@ def evaluate_alignment(model: torch.nn.Module, batches: Iterable[dict], device: 
     distinct = sorted(set(texts))
     index = torch.tensor([distinct.index(t) for t in texts], device=cls[0].device)
     text_emb = torch.stack([text_cache[t] for t in distinct]).to(cls[0].device)
-    metrics: dict[str, Any] = retrieval_recall(torch.cat(cls), text_emb, index, ks)
-    metrics.update(localisation_scores(torch.cat(sims), torch.cat(labels), bias))
+    image_emb, labels_all = torch.cat(cls), torch.cat(labels)
+    metrics: dict[str, Any] = retrieval_recall(image_emb, text_emb, index, ks)
+    try:
+        facts = label_facts(labels_all)
+    except ValueError as err:
+        reason = f"stage-1 validation: fact-level recall not computed: {err}"
+        if reason not in _warned:
+            _warned.add(reason)
+            logger.warning(reason)
+        facts = {}
+    for name in FACT_KEYS:
+        if name in facts:
+            metrics.update(fact_recall(image_emb, text_emb, index, facts[name], ks=(1,), name=name))
+        else:
+            metrics.update({f"{d}_{name}_r1{c}": float("nan") for d in ("i2t", "t2i") for c in ("", "_chance")})
+    metrics.update(localisation_scores(torch.cat(sims), labels_all, bias))
     k = max(ks)
     parts = [metrics[f"i2t_r{k}"], metrics[f"t2i_r{k}"], metrics["loc_auc"]]
     metrics["alignment"] = sum(p for p in parts if math.isfinite(p)) / len(parts)
@@ -175,8 +295,8 @@ def evaluate_alignment(model: torch.nn.Module, batches: Iterable[dict], device: 
 class AlignmentValidation:
     """Pretraining validation: :func:`evaluate_alignment` every ``interval`` epochs on a labelled split.
 
-    Every metric goes to the trainer's ``state.metrics`` as ``val_<name>`` and to the log (recalls beside their
-    chance levels). When ``save_path`` is given, the checkpoint with the best ``key_metric`` is kept there (the format
+    Every metric goes to the trainer's ``state.metrics`` as ``val_<name>`` and to the log (recalls, exact-pair and
+    fact-level, beside their chance levels). When ``save_path`` is given, the checkpoint with the best ``key_metric`` is kept there (the format
     of :class:`~amvlm_monai.handlers.SavePretrained`), with ``<stem>.json`` giving its epoch and metrics.
 
     Args:
@@ -211,10 +331,14 @@ class AlignmentValidation:
         epoch = engine.state.epoch
         r = " ".join(f"{d}@{k[-1]} {metrics[f'{d}_r{k[-1]}']:.3f} (chance {metrics[f'{d}_r{k[-1]}_chance']:.3f})"
                      for d in ("i2t", "t2i") for k in ("r1", "r5") if f"{d}_{k}" in metrics)
-        logger.info("epoch %d stage-1 validation (%d images, %d distinct reports): %s; localisation AUC %.3f, "
-                    "text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
-                    metrics["n_reports"], r, metrics["loc_auc"], metrics["text_mask_dice"], metrics["ones_dice"],
-                    metrics["alignment"])
+        facts = ", ".join(f"{what} " + " ".join(f"{d}@1 {metrics[f'{d}_{name}_r1']:.3f} (chance "
+                                                 f"{metrics[f'{d}_{name}_r1_chance']:.3f})" for d in ("i2t", "t2i"))
+                          for name, what in zip(FACT_KEYS, ("count+sides", "count+sides+zones"))
+                          if math.isfinite(metrics.get(f"i2t_{name}_r1", float("nan"))))
+        logger.info("epoch %d stage-1 validation (%d images, %d distinct reports): %s; same facts %s; localisation "
+                    "AUC %.3f, text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
+                    metrics["n_reports"], r, facts or "n/a (labels not binary)", metrics["loc_auc"],
+                    metrics["text_mask_dice"], metrics["ones_dice"], metrics["alignment"])
         value = metrics[self.key_metric]
         if self.best is None or (math.isfinite(value) and value > self.best["value"]):
             self.best = {"epoch": epoch, "metric": self.key_metric, "value": value, "metrics": metrics}

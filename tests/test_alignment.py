@@ -100,6 +100,40 @@ def test_evaluate_alignment_on_a_tiny_model(tiny_amvlm):
     for key in ("i2t_r1", "t2i_r1", "loc_auc", "text_mask_dice", "ones_dice"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["alignment"] == pytest.approx((out["i2t_r5"] + out["t2i_r5"] + out["loc_auc"]) / 3)
+    for key in ("i2t_fact_r1", "t2i_fact_r1", "i2t_fact_zone_r1", "t2i_fact_zone_r1"):
+        assert 0.0 <= out[key] <= 1.0 and 0.0 < out[key + "_chance"] <= 1.0, key
+
+
+def test_fact_recall_in_validation_and_skipped_for_class_maps(tiny_amvlm, caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from amvlm_monai.alignment import AlignmentValidation, evaluate_alignment
+    from conftest import REPORTS
+
+    masks = _hand_masks()
+    batches = [{"image": torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0)), "label": masks,
+                "text": [REPORTS[2], REPORTS[2], REPORTS[0], REPORTS[1], REPORTS[1]]}]
+    validation = AlignmentValidation(batches, tiny_amvlm)
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={}, device="cpu", epoch=1))
+    with caplog.at_level(logging.INFO, logger="amvlm_monai.alignment"):
+        validation(engine)
+    m = engine.state.metrics
+    # 3 distinct reports: that of images 0, 1 states A, that of image 2 B, that of images 3, 4 C
+    assert m["val_i2t_fact_r1_chance"] == pytest.approx(1 / 3)
+    assert m["val_t2i_fact_r1_chance"] == pytest.approx((2 / 5 + 1 / 5 + 2 / 5) / 3)
+    assert f"i2t@1 {m['val_i2t_fact_r1']:.3f} (chance 0.333)" in caplog.text and "count+sides+zones" in caplog.text
+    spine = masks.clone()
+    spine[2] *= 4  # class indices (MRSpineSeg-like): no region facts, and no crash
+    monkeypatch.setattr("amvlm_monai.alignment._warned", set())  # the reason is logged once per process
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="amvlm_monai.alignment"):
+        out = evaluate_alignment(tiny_amvlm, [dict(batches[0], label=spine)])
+        AlignmentValidation([dict(batches[0], label=spine)], tiny_amvlm)(engine)
+    assert math.isnan(out["i2t_fact_r1"]) and math.isnan(out["t2i_fact_zone_r1_chance"])
+    assert math.isfinite(out["i2t_r1"]) and math.isfinite(out["alignment"])
+    assert caplog.text.count("fact-level recall not computed: labels are not binary") == 1
+    assert "same facts n/a (labels not binary)" in caplog.text and math.isnan(engine.state.metrics["val_i2t_fact_r1"])
 
 
 def test_the_cli_scores_a_checkpoint_on_a_split(tiny_amvlm, demo_data, tmp_path, capsys):
@@ -116,3 +150,140 @@ def test_the_cli_scores_a_checkpoint_on_a_split(tiny_amvlm, demo_data, tmp_path,
     with pytest.raises(SystemExit) as err:
         main(["--checkpoint", str(tmp_path / "missing.pt"), "--datalist", str(demo_data / "datalist.json")])
     assert err.value.code == 2 and "missing.pt" in capsys.readouterr().err
+
+
+# ---- fact-level retrieval: the retrieved report's image states the same facts as the query's -------------------------
+
+def _hand_masks():
+    """Five 32 px masks: facts (count, sides) A A B C C; with zones, images 0 and 1 differ (upper vs lower). Drawn as
+    (row, column), returned as the pipelines load PNGs: (W, H)."""
+    m = torch.zeros(5, 1, 32, 32)
+    m[0, 0, 2:6, 2:6] = 1  # image left = patient's right (side 0), upper zone
+    m[1, 0, 26:30, 2:6] = 1  # side 0, lower zone
+    m[2, 0, 2:6, 2:6] = 1  # two regions: side 0 upper ...
+    m[2, 0, 12:18, 24:28] = 1  # ... and side 2 (patient's left), middle zone
+    return m.transpose(-2, -1)  # images 3 and 4 empty
+
+
+def test_label_facts_by_hand():
+    from amvlm_monai.alignment import label_facts
+
+    facts = label_facts(_hand_masks())
+    assert facts["fact"] == [(1, (0,)), (1, (0,)), (2, (0, 2)), (0, ()), (0, ())]
+    assert facts["fact_zone"] == [(1, (0,), (0,)), (1, (0,), (2,)), (2, (0, 2), (0, 1)), (0, (), ()), (0, (), ())]
+    assert label_facts(_hand_masks().transpose(-2, -1), transposed=False) == facts  # display layout
+    assert label_facts(_hand_masks(), transposed=False)["fact"][:3] == [(1, (0,)), (1, (2,)), (2, (0,))]  # rows as sides
+    spine = torch.zeros(2, 1, 32, 32)
+    spine[0, 0, 4:8, 4:8], spine[1, 0, 10:14, 10:14] = 1, 3  # class indices: not a binary mask
+    with pytest.raises(ValueError, match="not binary"):
+        label_facts(spine)
+
+
+def _hand_case():
+    """sim = image_emb @ eye(4): image i's row is its similarity to the 4 distinct reports; images 3, 4 share report 3."""
+    from amvlm_monai.alignment import label_facts
+
+    image_emb = torch.tensor([[0.1, 0.9, 0.0, 0.0],  # best report 1: not its own, but the same facts A (zone differs)
+                              [0.0, 0.2, 0.8, 0.1],  # best report 2: facts B, the image has A -> miss
+                              [0.0, 0.0, 0.9, 0.3],  # own report 2: hit
+                              [0.5, 0.0, 0.0, 0.4],  # report 0 (A), the image has C -> miss
+                              [0.0, 0.0, 0.0, 1.0]])  # own report 3: hit
+    return image_emb, torch.eye(4), torch.tensor([0, 1, 2, 3, 3]), label_facts(_hand_masks())
+
+
+def test_fact_recall_by_hand():
+    from amvlm_monai.alignment import fact_recall
+
+    img, txt, index, facts = _hand_case()
+    out = fact_recall(img, txt, index, facts["fact"])
+    assert retrieval_recall(img, txt, index, ks=(1,))["i2t_r1"] == pytest.approx(2 / 5)  # exact pairs: 2 of 5
+    assert out["i2t_fact_r1"] == pytest.approx(3 / 5)  # images 0, 2, 4
+    # reports with each image's facts: reports 0 and 1 state A, 2 states B, 3 states C
+    assert out["i2t_fact_r1_chance"] == pytest.approx((2 / 4 + 2 / 4 + 1 / 4 + 1 / 4 + 1 / 4) / 5)
+    # best image per report: 3 (C, report 0 states A: miss), 0 (A: hit), 2 (hit), 4 (hit)
+    assert out["t2i_fact_r1"] == pytest.approx(3 / 4)
+    assert out["t2i_fact_r1_chance"] == pytest.approx((2 / 5 + 2 / 5 + 1 / 5 + 2 / 5) / 4)
+    zone = fact_recall(img, txt, index, facts["fact_zone"], name="fact_zone")
+    assert zone["i2t_fact_zone_r1"] == pytest.approx(2 / 5)  # image 0's report-1 neighbour is lower, not upper zone
+    assert zone["i2t_fact_zone_r1_chance"] == pytest.approx(1 / 4)  # every image's facts in exactly one report
+    assert zone["t2i_fact_zone_r1"] == pytest.approx(2 / 4)
+    assert zone["t2i_fact_zone_r1_chance"] == pytest.approx((1 / 5 + 1 / 5 + 1 / 5 + 2 / 5) / 4)
+    tied = fact_recall(torch.zeros(5, 4), txt, index, facts["fact"])  # all ties: the lower index ranks first
+    assert tied["i2t_fact_r1"] == pytest.approx(2 / 5)  # report 0 (A) for all: images 0, 1
+    assert tied["t2i_fact_r1"] == pytest.approx(2 / 4)  # image 0 (A) for all: reports 0, 1
+    with pytest.raises(ValueError, match="facts"):
+        fact_recall(img, txt, index, facts["fact"][:4])
+
+
+def _brute_fact_recall(sim, index, facts, k):
+    """Independent formulation: loops, Python's stable sort, and chance by enumerating every draw of k candidates."""
+    n, u = len(sim), len(sim[0])
+    states = [{facts[i] for i in range(n) if index[i] == j} for j in range(u)]  # the facts each report states
+    i2t = i2t_chance = 0.0
+    for i in range(n):
+        best = sorted(range(u), key=lambda j: -sim[i][j])[:k]
+        i2t += any(facts[i] in states[j] for j in best)
+        draws = list(itertools.combinations(range(u), k))
+        i2t_chance += sum(any(facts[i] in states[j] for j in d) for d in draws) / len(draws)
+    t2i = t2i_chance = 0.0
+    for j in range(u):
+        best = sorted(range(n), key=lambda i: -sim[i][j])[:k]
+        t2i += any(facts[i] in states[j] for i in best)
+        draws = list(itertools.combinations(range(n), k))
+        t2i_chance += sum(any(facts[i] in states[j] for i in d) for d in draws) / len(draws)
+    return i2t / n, i2t_chance / n, t2i / u, t2i_chance / u
+
+
+def test_fact_recall_against_loops_and_enumeration():
+    from amvlm_monai.alignment import fact_recall
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        img = F.normalize(torch.randn(8, 5, generator=g), dim=1)
+        txt = F.normalize(torch.randn(5, 5, generator=g), dim=1)
+        index = torch.tensor([0, 1, 1, 2, 3, 3, 4, 4])
+        facts = [("x", "y", "z")[int(v)] for v in torch.randint(0, 3, (8,), generator=g)]
+        facts[2] = facts[1] if trial % 2 else "w"  # a report whose two images disagree on the facts, or agree
+        out = fact_recall(img, txt, index, facts, ks=(1, 2, 3))
+        for k in (1, 2, 3):
+            want = _brute_fact_recall((img @ txt.T).tolist(), index.tolist(), facts, k)
+            got = (out[f"i2t_fact_r{k}"], out[f"i2t_fact_r{k}_chance"], out[f"t2i_fact_r{k}"],
+                   out[f"t2i_fact_r{k}_chance"])
+            assert got == pytest.approx(want), (trial, k)
+
+
+def test_fact_recall_is_one_when_aligned_and_can_fail():
+    from amvlm_monai.alignment import fact_recall, label_facts
+
+    facts = label_facts(_hand_masks())["fact"]
+    txt = F.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    index = torch.tensor([0, 1, 2, 3, 3])
+    out = fact_recall(txt[index], txt, index, facts)  # every image embedded as its own report
+    assert out["i2t_fact_r1"] == out["t2i_fact_r1"] == 1.0
+    assert out["i2t_fact_r1_chance"] < 1 and out["t2i_fact_r1_chance"] < 1
+    # every image embedded as a report of other facts: no hit in either direction
+    wrong = torch.tensor([2, 3, 0, 2, 2])  # A -> B, A -> C, B -> A, C -> B
+    out = fact_recall(txt[wrong], txt, index, facts)
+    assert out["i2t_fact_r1"] == 0.0 and out["t2i_fact_r1"] <= 1 / 4  # only report 1 (no image embedded as it) may hit
+
+
+def test_label_facts_read_masks_as_the_pipeline_loads_them(tmp_path):
+    """PNG masks come out of the pipelines as (1, W, H): the facts must still be those the report states."""
+    import numpy as np
+    from PIL import Image
+
+    from amvlm_monai.alignment import label_facts
+    from amvlm_monai.data.describe import describe_mask
+    from amvlm_monai.transforms.pipelines import segmentation_transforms
+
+    mask = np.zeros((32, 48), np.uint8)  # not square: a transposed read would not even have the same shape
+    mask[2:8, 36:44] = 255  # image top right: the patient's upper left
+    mask[22:30, 4:12] = 255  # image bottom left: the patient's lower right
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(mask).save(tmp_path / "image.png")
+    item = segmentation_transforms((48, 32), labeled=True)({"image": str(tmp_path / "image.png"),
+                                                            "label": str(tmp_path / "mask.png"), "text": "x"})
+    assert "upper left" in describe_mask(mask) and "lower right" in describe_mask(mask)
+    assert item["label"].shape == (1, 48, 32)
+    facts = label_facts(item["label"][None])
+    assert facts["fact_zone"] == [(2, (0, 2), (0, 2))]
