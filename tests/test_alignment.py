@@ -287,3 +287,32 @@ def test_label_facts_read_masks_as_the_pipeline_loads_them(tmp_path):
     assert item["label"].shape == (1, 48, 32)
     facts = label_facts(item["label"][None])
     assert facts["fact_zone"] == [(2, (0, 2), (0, 2))]
+
+
+def test_refresh_bn_statistics_averages_training_batches(tiny_amvlm):
+    from amvlm_monai.alignment import AlignmentValidation, refresh_bn_statistics
+    from conftest import REPORTS
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"image": torch.randn(4, 1, 32, 32, generator=g), "text": REPORTS} for _ in range(3)]
+    bn = tiny_amvlm.image_global.mlp[1]
+    bn.running_mean.fill_(5.0)  # stale statistics, as after fast-moving training
+    momentum_bn = tiny_amvlm.momentum_image_global.mlp[1]
+    before = momentum_bn.running_mean.clone()
+    tiny_amvlm.eval()
+    assert refresh_bn_statistics(tiny_amvlm, batches, max_images=8) == 8  # stops after 2 batches
+    assert not tiny_amvlm.training and bn.momentum == 0.1  # mode and momentum restored
+    with torch.no_grad():  # by hand: the plain average over the 2 batches of the layer's input batch means / variances
+        hidden = [tiny_amvlm.image_global.mlp[0](tiny_amvlm.image_encoder(b["image"]).cls) for b in batches[:2]]
+    torch.testing.assert_close(bn.running_mean, sum(h.mean(0) for h in hidden) / 2)
+    torch.testing.assert_close(bn.running_var, sum(h.var(0) for h in hidden) / 2)  # unbiased, as BatchNorm keeps it
+    torch.testing.assert_close(momentum_bn.running_mean, before)  # momentum copies untouched
+    assert refresh_bn_statistics(tiny_amvlm, [], max_images=8) == 0
+    torch.testing.assert_close(bn.running_mean, sum(h.mean(0) for h in hidden) / 2)  # no batch: left as they were
+
+    bn.running_mean.fill_(5.0)  # the validation handler refreshes them before it evaluates (and saves)
+    labelled = [dict(b, label=torch.zeros(4, 1, 32, 32)) for b in batches]
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={}, device="cpu", epoch=1))
+    AlignmentValidation(labelled, tiny_amvlm, bn_loader=batches, bn_images=4)(engine)
+    torch.testing.assert_close(bn.running_mean, hidden[0].mean(0))
