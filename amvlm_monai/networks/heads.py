@@ -1,11 +1,11 @@
 """Projection heads (MGCA's global and local embeddings): encoder width d -> joint space D, L2-normalised.
 
-Two kinds: ``"mlp"``, MGCA's Linear -> BN -> ReLU -> Linear -> BN (the paper's), and ``"linear"``, one linear map
-(CLIP's projection). The BatchNorm of ``"mlp"`` standardises every batch, which is what lets a tower trained from
-scratch start: its embeddings of similar images are nearly equal at first and the batch standardisation spreads them.
-It also makes the embeddings depend on the batch: on the 240-image demo the head learnt to match pairs through
-the batch statistics (training-mode L_ita 0.01, the same batch in eval mode 1.7-5.8) and did not generalise.
-The linear head has no batch dependence and no train/eval gap (measured in ``docs/method.md``).
+Two kinds: ``"mlp"``, MGCA's Linear -> BN -> ReLU -> Linear -> BN (the paper's, the default), and ``"linear"``, one
+linear map (CLIP's projection), with no batch dependence. The BatchNorm of ``"mlp"`` standardises every batch, which
+is what lets a tower trained from scratch start: its embeddings of similar images are nearly equal at first and the
+batch standardisation spreads them (with linear heads the demo's image embeddings collapsed; ``docs/method.md``).
+Its running statistics must then fit the final weights: the stage-1 validation re-estimates them
+(:func:`~amvlm_monai.alignment.refresh_bn_statistics`).
 """
 
 from __future__ import annotations
