@@ -16,7 +16,10 @@ Prints:
    Mean-Teacher and text-guided Mean-Teacher, as ratios, the seconds spent in the text guidance, and peak memory;
 3. inference: images/s of the U-Net and seconds per volume (256 x 256 x 24 NIfTI, slice by slice);
 4. data loading: images/s of the stage-2 transform chain (PNG files) against the images/s training consumes;
-5. the machine (CPU, cores, threads, load average before and after).
+5. the frozen text tower's cache: stage 1 of the demo preset (``demo.json``: small preset, 64 px, batch 16, text
+   tower frozen) on the demo's 240 reports with their augmented views, 3 epochs, with the cache on and off (and the
+   baseline), s/step in the first epoch (nothing cached yet) and after it, and the ratio;
+6. the machine (CPU, cores, threads, load average before and after).
 
 With ``--base`` every measurement is repeated for the baseline code (put first on PYTHONPATH), rounds alternate which
 side runs first, and the tables give medians and ratios. Timings on a shared machine are noisy: compare ratios of the
@@ -187,6 +190,50 @@ def bench_stage2(r: Runner, rounds: int, steps: int, checkpoint: str, unet: str 
     return text, data
 
 
+def bench_text_cache(r: Runner, rounds: int, epochs: int) -> tuple[str, dict]:
+    """Demo-preset stage 1 with the frozen text tower's cache on and off (and the baseline code as it is), the three
+    alternating within each round; medians over the first epoch's steps and over the later epochs' steps."""
+    variants = [("ours", "on"), ("ours", "off")] + ([("base", "default")] if "base" in r.roots else [])
+    runs: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
+    for k in range(rounds):
+        for side, cache in variants[k % len(variants):] + variants[:k % len(variants)]:
+            runs[(side, cache)].append(r.run(side, "demo1", "--epochs", str(epochs), "--text-cache", cache))
+
+    def split(rs: list[dict], key: str) -> tuple[float, float]:
+        n = rs[0]["steps_per_epoch"]
+        first = [t for x in rs for t in x[key][1:n]]  # the very first step (start-up) left out
+        later = [t for x in rs for t in x[key][n:]]
+        return statistics.median(first), statistics.median(later) if later else float("nan")
+
+    data, rows = {}, []
+    for side, cache in variants:
+        rs = runs[(side, cache)]
+        (w1, w2), (c1, c2) = split(rs, "times"), split(rs, "cpu_times")
+        info = rs[-1].get("cache") or {}
+        hit = info["hits"] / max(1, info["hits"] + info["misses"]) if info.get("hits") is not None else None
+        data[f"{side}_{cache}"] = {"first_s": w1, "later_s": w2, "first_cpu_s": c1, "later_cpu_s": c2,
+                                   "peak_gib": peak(rs), "hit_rate": hit, "frozen": rs[0].get("frozen")}
+    off = data["ours_off"]
+    for side, cache in variants:
+        d = data[f"{side}_{cache}"]
+        name = f"{'this code' if side == 'ours' else 'baseline'}, cache {cache}"
+        rows.append([name, f"{d['first_s']:.3f}", f"{d['later_s']:.3f}", f"{d['later_cpu_s']:.3f}",
+                     f"{ratio(d['later_s'], off['later_s'])} / {ratio(d['later_cpu_s'], off['later_cpu_s'])}",
+                     f"{d['peak_gib']:.2f}", "" if d["hit_rate"] is None else f"{100 * d['hit_rate']:.0f} %"])
+    head = ["demo stage 1 (64 px, batch 16, frozen text)", "s/step epoch 1", f"s/step epochs 2-{epochs}",
+            "CPU s/step epochs 2+", "time vs cache off (wall / CPU)", "peak GiB", "rows from cache"]
+    text = table(rows, head)
+    on = data["ours_on"]
+    text += (f"\ncache on: {ratio(off['later_s'], on['later_s'])} faster after the first epoch (wall), "
+             f"{ratio(off['later_cpu_s'], on['later_cpu_s'])} (CPU time); first epoch "
+             f"{ratio(off['first_s'], on['first_s'])} (wall)")
+    if "base_default" in data:
+        b = data["base_default"]
+        text += (f"; against the baseline after the first epoch: {ratio(b['later_s'], on['later_s'])} (wall), "
+                 f"{ratio(b['later_cpu_s'], on['later_cpu_s'])} (CPU time)")
+    return text, data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=os.environ.get("BASE") or None,
@@ -194,8 +241,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small stage-1 configuration only, fewer steps")
     ap.add_argument("--rounds", type=int, default=None, help="runs per side and measurement (default 1, quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run after one warm-up step")
-    ap.add_argument("--sections", default="stage1,stage2,infer,data",
-                    help="comma-separated subset of stage1,stage2,infer,data")
+    ap.add_argument("--sections", default="stage1,stage2,infer,data,text_cache",
+                    help="comma-separated subset of stage1,stage2,infer,data,text_cache")
     ap.add_argument("--assets", default=os.path.join(tempfile.gettempdir(), "amvlm_bench_assets"),
                     help="where the random-init BERT 768x6 and the ViT-B/16 stage-1 checkpoint are kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -257,6 +304,11 @@ def main() -> None:
                      f"{res['images_per_s'] / train['images_per_s']:.0f}x faster than needed")
         out.append(line)
         print(line, flush=True)
+    if "text_cache" in sections:
+        text, results["text_cache"] = bench_text_cache(r, a.rounds or (2 if a.quick else 3), 2 if a.quick else 3)
+        out.append("Frozen text tower's cache (stage 1 of the demo preset, 240 demo reports + augmented views; "
+                   "Adam, momentum update included):\n" + text)
+        print(out[-1], flush=True)
     end_load = load()
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads; load average at start "
           f"{start_load}, at end {end_load}; {time.perf_counter() - t0:.0f} s in all.", flush=True)

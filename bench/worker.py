@@ -5,7 +5,7 @@ on ``PYTHONPATH`` by ``bench/run.py --base``. The trainers are built from that c
 (``bundles/_template/configs``) with only the data, the sizes and the precision overridden, so both sides run what a
 user of that commit gets. Only APIs present in every version are used here.
 
-    python bench/worker.py JOB --out result.json [options]   # JOB: stage1 | stage2 | infer | data | assets
+    python bench/worker.py JOB --out result.json [options]   # JOB: stage1 | demo1 | stage2 | infer | data | assets
 
 Prints nothing but warnings; writes one JSON object.
 """
@@ -159,6 +159,79 @@ def stage1(config: str, batch: int, steps: int, warmup: int, precision: str, ass
             "autocast": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
 
 
+# ---- stage 1 of the demo preset (frozen text tower): the text cache ------------------------------------------------
+def demo_reports(n: int, size: int = 64) -> list[str]:
+    """The reports of the demo's first ``n`` training images (``data_prep.demo_data``: same seed, same wording)."""
+    import numpy as np
+
+    from amvlm_monai.data.describe import describe_mask
+    from data_prep.demo_data import make_case
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([0, 0, i])
+        _, mask, _ = make_case(rng, size)
+        out.append(describe_mask(mask, rng=rng))
+    return out
+
+
+def demo1(n_reports: int, epochs: int, text_cache: str) -> dict:
+    """Stage 1 as ``make demo`` runs it (``pretrain.json`` + ``demo.json``: small preset, 64 px, batch 16, frozen text
+    tower, every loss term) on the demo's reports: shuffled every epoch, each with a fresh augmented view (the bundle's
+    ``TextView``); images are random (their content does not change the time). ``text_cache``: ``on``/``off`` set
+    ``network_def#text_cache_size`` (50000 / 0) where the code has it; ``default`` leaves the config alone."""
+    import inspect
+
+    import numpy as np
+
+    from amvlm_monai.networks.amvlm import AMVLM
+    from amvlm_monai.transforms.views import TextView
+
+    parser = template("pretrain.json")
+    with open(code_root() / "bundles" / "_template" / "configs" / "demo.json") as f:
+        demo = json.load(f)
+    for k, v in demo.items():
+        parser[k] = v
+    parser["device"] = "$torch.device('cpu')"
+    parser["text_model"] = None
+    has_cache = "text_cache_size" in inspect.signature(AMVLM.__init__).parameters
+    if text_cache != "default" and has_cache:
+        parser["network_def#text_cache_size"] = 50_000 if text_cache == "on" else 0
+    batch, size = int(demo["batch_size"]), int(demo["image_size"])
+    reports = demo_reports(n_reports, size)
+    view = TextView(drop_prob=float(parser["text_drop_prob"]))
+    view.set_random_state(0)
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    per_epoch = n_reports // batch
+    for _ in range(epochs):
+        order = rng.permutation(n_reports)
+        for s in range(per_epoch):
+            texts = [reports[i] for i in order[s * batch:(s + 1) * batch]]
+            batches.append({"image": torch.randn(batch, 1, size, size, generator=g),
+                            "image_aug": torch.randn(batch, 1, size, size, generator=g),
+                            "text": texts, "text_aug": [view(t) for t in texts]})
+    parser["bench_batches"] = batches
+    parser["pretrain#dataloader"] = "@bench_batches"
+    parser["pretrain#handlers"] = []
+    parser["pretrain#trainer#max_epochs"] = 1
+    parser.parse()
+    torch.manual_seed(0)
+    trainer = parser.get_parsed_content("pretrain#trainer")
+    times, cpu = step_timer(trainer, warmup=0)
+    outputs = []
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output["loss"]))
+    trainer.run()
+    enc = trainer.network.text_encoder
+    info = enc.cache_info() if hasattr(enc, "cache_info") else None
+    return {"times": times, "cpu_times": cpu, "peak_gib": peak_gib(), "batch": batch, "steps_per_epoch": per_epoch,
+            "losses": outputs, "cache": info, "has_cache": has_cache,
+            "frozen": not any(p.requires_grad for p in enc.parameters())}
+
+
 # ---- stage 2 ---------------------------------------------------------------------------------------------------------
 def _light_unet_name() -> str | None:
     """The measured code's name of the small CPU U-Net (16..256 channels): ``"light"``, or None in older code."""
@@ -295,7 +368,7 @@ def data(size: int, n_images: int, workers: int, src_size: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("job", choices=["assets", "stage1", "stage2", "infer", "data"])
+    ap.add_argument("job", choices=["assets", "stage1", "demo1", "stage2", "infer", "data"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--assets", required=True)
     ap.add_argument("--config", default="small")
@@ -312,6 +385,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--volumes", type=int, default=2)
+    ap.add_argument("--reports", type=int, default=240)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--text-cache", choices=["on", "off", "default"], default="default")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -321,6 +397,8 @@ def main() -> None:
         res = make_assets(assets)
     elif a.job == "stage1":
         res = stage1(a.config, a.batch, a.steps, a.warmup, a.precision, assets)
+    elif a.job == "demo1":
+        res = demo1(a.reports, a.epochs, a.text_cache)
     elif a.job == "stage2":
         res = stage2(a.variant, a.labeled, a.unlabeled, a.size, a.steps, a.warmup, a.precision, assets, a.checkpoint,
                      a.unet)

@@ -78,6 +78,12 @@ class AMVLM(nn.Module):
             ``"conv"`` (a convolutional stem, for training from scratch on little data; the CPU demo uses it).
         parts: build only these sub-modules of :data:`PARTS` (e.g. :data:`STAGE2_PARTS`); None builds all. Not part
             of ``config`` (a checkpoint always describes the whole model).
+        text_cache_size: reports whose outputs a frozen text tower keeps (``TextEncoder(cache_size=...)``, memory per
+            report there); 0 turns the cache off. Not part of ``config`` (it does not change the model).
+
+    A frozen tower (no trainable parameter) and its momentum copy keep equal weights: the EMA step of such a pair is
+    skipped (it would not change a value), and while they are equal the text view of the momentum branch is the frozen
+    online tower's, so both views share its cache. Equality is checked once per change of either side's parameters.
     """
 
     def __init__(self, image_size: int | Sequence[int] = 224, in_channels: int = 1, patch_size: int = 16,
@@ -85,7 +91,8 @@ class AMVLM(nn.Module):
                  text_model: Optional[str] = None, text_layers: Optional[int] = 6, max_words: int = 20,
                  embed_dim: int = 128, head_hidden: int = 2048, momentum: float = 0.995,
                  qkv_projections: bool = True, pdt_heads: int = 8, with_momentum: bool = True,
-                 patch_embed: str = "linear", head: str = "mlp", parts: Optional[Sequence[str]] = None) -> None:
+                 patch_embed: str = "linear", head: str = "mlp", parts: Optional[Sequence[str]] = None,
+                 text_cache_size: int = 50_000) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
@@ -109,7 +116,8 @@ class AMVLM(nn.Module):
             "image_encoder": lambda: ViTEncoder(img_size=image_size, patch_size=patch_size, in_channels=in_channels,
                                                 hidden_size=vit_width, num_layers=vit_depth, num_heads=vit_heads,
                                                 mlp_dim=vit_mlp, patch_embed=patch_embed),
-            "text_encoder": lambda: TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers),
+            "text_encoder": lambda: TextEncoder(model_path=text_model, max_length=max_words, num_layers=text_layers,
+                                                cache_size=text_cache_size),
             "image_global": lambda: GlobalHead(vit_width, embed_dim, head_hidden, head),
             "image_local": lambda: LocalHead(vit_width, embed_dim, head_hidden, head),
             "text_global": lambda: GlobalHead(text_width(text_model), embed_dim, head_hidden, head),
@@ -129,8 +137,12 @@ class AMVLM(nn.Module):
             self.momentum_image_global = momentum_copy(self.image_global)
             self.momentum_image_local = momentum_copy(self.image_local)
             self.momentum_text_encoder = momentum_copy(self.text_encoder)
+            # an EMA copy of a trained tower changes every step (its cache would never hit); of a frozen one, the
+            # online tower stands in for it (``momentum_encode_text``)
+            self.momentum_text_encoder.module.cache_size = 0
             self.momentum_text_global = momentum_copy(self.text_global)
             self.momentum_text_local = momentum_copy(self.text_local)
+        self._twins: dict[str, tuple[tuple, bool]] = {}  # name -> (tensor versions of both sides, equal?)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "AMVLM":
@@ -178,10 +190,12 @@ class AMVLM(nn.Module):
 
     @torch.no_grad()
     def momentum_encode_text(self, tokens: dict[str, torch.Tensor]) -> TokenOutput:
-        """The momentum copies' view of (augmented) reports; no gradient."""
+        """The momentum copies' view of (augmented) reports; no gradient. A frozen text tower in eval mode whose
+        momentum copy equals it runs in the copy's place (same weights, no dropout either way; its cache serves both)."""
         self._require_momentum()
-        return self._project(self.momentum_text_encoder(**tokens), self.momentum_text_global,
-                             self.momentum_text_local)
+        same = not self.text_encoder.training and self._frozen_twin("text_encoder")
+        encoder = self.text_encoder if same else self.momentum_text_encoder
+        return self._project(encoder(**tokens), self.momentum_text_global, self.momentum_text_local)
 
     def _require_momentum(self) -> None:
         if not self.with_momentum:
@@ -193,7 +207,36 @@ class AMVLM(nn.Module):
         if not self.with_momentum:
             return
         for name in ("image_encoder", "image_global", "image_local", "text_encoder", "text_global", "text_local"):
-            momentum_update(getattr(self, f"momentum_{name}"), getattr(self, name), self.momentum)
+            if not self._frozen_twin(name):  # m * x + (1 - m) * x = x: nothing to do
+                momentum_update(getattr(self, f"momentum_{name}"), getattr(self, name), self.momentum)
+
+    def _frozen_twin(self, name: str) -> bool:
+        """Whether online module ``name`` has no trainable parameter and its momentum copy holds the same parameters
+        and buffers, bit for bit. Memoised on the tensors' identity and version counters, so the comparison runs again
+        only after either side changed (an EMA step, a load)."""
+        online = getattr(self, name)
+        if any(p.requires_grad for p in online.parameters()):
+            return False
+        copy = getattr(self, f"momentum_{name}").module
+        mine = {**dict(online.named_parameters()), **dict(online.named_buffers())}
+        theirs = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+        version = tuple((id(t), t.data_ptr(), t._version) for t in (*mine.values(), *theirs.values()))
+        known = self._twins.get(name)
+        if known is not None and known[0] == version:
+            return known[1]
+        same = mine.keys() == theirs.keys() and all(  # small tensors first: a difference shows up cheaply
+            mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype and
+            torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in sorted(mine, key=lambda k: mine[k].numel()))
+        self._twins[name] = (version, same)
+        return same
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(): tensors are replaced or rewritten
+        self._twins.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._twins.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def cross_attend(self, img: TokenOutput, txt: TokenOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Bidirectional cross-attention inside each pair.
@@ -234,7 +277,8 @@ def build_amvlm(preset: str = "paper", **overrides: Any) -> AMVLM:
 
 
 def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu", with_momentum: bool = False,
-               text_model: Optional[str] = None, parts: Optional[Sequence[str]] = None) -> AMVLM:
+               text_model: Optional[str] = None, parts: Optional[Sequence[str]] = None,
+               text_cache_size: int = 0) -> AMVLM:
     """Rebuild a pretrained AMVLM from a stage-1 checkpoint (see the module docstring for its keys).
 
     The file is memory-mapped (``torch.load(mmap=True)``) and the model takes its tensors as they are
@@ -247,6 +291,8 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         text_model: override the text model folder recorded in the checkpoint (e.g. when it moved); the
             architecture must be the same, the weights come from the checkpoint.
         parts: build and load only these sub-modules (e.g. :data:`STAGE2_PARTS`); None: all of them.
+        text_cache_size: the frozen text tower's cache (see :class:`AMVLM`); off by default, as stage 2 encodes each
+            distinct report once and keeps only its global embedding (``guidance.TextGuidance``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -268,7 +314,7 @@ def load_amvlm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     # The text tower loads its BERT folder first, so it is built normally; its weights are then replaced the same way.
     on_meta = parts is not None and "text_encoder" not in parts
     with torch.device("meta") if on_meta else contextlib.nullcontext():
-        model = AMVLM(**config, parts=parts)
+        model = AMVLM(**config, parts=parts, text_cache_size=text_cache_size)
     wanted = set(model.state_dict())
     state = {k: v for k, v in ckpt["model"].items() if k in wanted}  # only these pages of the file are read
     skipped = ("momentum_",) if not with_momentum else ()
