@@ -330,13 +330,19 @@ def summarise(rows: Sequence[Mapping[str, Any]], work: str | os.PathLike, alpha:
     if align:
         _write_csv(work / "stage1.csv", align)
         lines += ["", "Stage 1, the kept checkpoint on the validation split (recall in %, chance in brackets; "
-                  "localisation AUC; Dice of the initial text mask against that of an all-ones mask):", "",
-                  "| seed | checkpoint | epoch | image-to-report R@1 | R@5 | report-to-image R@1 | R@5 | AUC | "
-                  "text mask / all-ones Dice |", "|---|---|---|---|---|---|---|---|---|"]
+                  "first-ranked report (image) with the same lesion count and sides; localisation AUC; Dice of the "
+                  "initial text mask against that of an all-ones mask):", "",
+                  "| seed | checkpoint | epoch | image-to-report R@1 | R@5 | report-to-image R@1 | R@5 | "
+                  "same count+sides i2t@1 | t2i@1 | AUC | text mask / all-ones Dice |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in align:
-            r = lambda k: f"{100 * a[k]:.1f} ({100 * a[k + '_chance']:.1f})"  # noqa: E731
+            def r(k: str) -> str:
+                v, c = a.get(k, float("nan")), a.get(k + "_chance", float("nan"))
+                return f"{100 * v:.1f} ({100 * c:.1f})" if math.isfinite(v) else "-"
+
             lines.append(f"| {a['seed']} | {a['checkpoint']} | {a['epoch']} | {r('i2t_r1')} | {r('i2t_r5')} | "
-                         f"{r('t2i_r1')} | {r('t2i_r5')} | {a['loc_auc']:.3f} | "
+                         f"{r('t2i_r1')} | {r('t2i_r5')} | {r('i2t_fact_r1')} | {r('t2i_fact_r1')} | "
+                         f"{a['loc_auc']:.3f} | "
                          f"{a['text_mask_dice']:.3f} / {a['ones_dice']:.3f} |")
     text = "\n".join(lines) + "\n"
     (work / "results.md").write_text(text)

@@ -66,7 +66,7 @@ def test_make_demo_quick_runs_every_step_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for row in ("supervised U-Net", "Mean-Teacher", "MT + CSS + ICL + L_tg (AMVLM)", "Paired t-tests",
-                "Pseudo labels on the unlabelled", "Stage 1, the kept checkpoint"):
+                "Pseudo labels on the unlabelled", "Stage 1, the kept checkpoint", "same count+sides i2t@1"):
         assert row in out, row
     assert (tmp_path / "results.md").read_text() in out
     for method in ("supervised", "mean_teacher", "amvlm"):
