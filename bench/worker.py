@@ -87,6 +87,17 @@ def text_model_path(kind: str, assets: Path) -> str | None:
 
 
 # ---- assets: a random-init BERT 768x6 folder and a ViT-B/16 + BERT 768x6 stage-1 checkpoint ---------------------
+def pretrainer_on(parser, batches: list[dict]):
+    """The pretraining config's trainer over the given batches for one epoch, without handlers, seeded."""
+    parser["bench_batches"] = batches
+    parser["pretrain#dataloader"] = "@bench_batches"
+    parser["pretrain#handlers"] = []
+    parser["pretrain#trainer#max_epochs"] = 1
+    parser.parse()
+    torch.manual_seed(0)
+    return parser.get_parsed_content("pretrain#trainer")
+
+
 def make_assets(assets: Path) -> dict:
     """Build (once) what the measurements load: no pretrained weights exist offline, so the geometry is random."""
     from transformers import BertConfig, BertModel
@@ -141,13 +152,7 @@ def stage1(config: str, batch: int, steps: int, warmup: int, precision: str, ass
                 "image_aug": torch.randn(batch, 1, 224, 224, generator=g),
                 "text": [REPORTS[(i + j) % 4] for j in range(batch)],
                 "text_aug": [REPORTS[(i + j + 1) % 4] for j in range(batch)]} for i in range(warmup + steps)]
-    parser["bench_batches"] = batches
-    parser["pretrain#dataloader"] = "@bench_batches"
-    parser["pretrain#handlers"] = []
-    parser["pretrain#trainer#max_epochs"] = 1
-    parser.parse()
-    torch.manual_seed(0)
-    trainer = parser.get_parsed_content("pretrain#trainer")
+    trainer = pretrainer_on(parser, batches)
     times, cpu = step_timer(trainer, warmup)
     outputs = []
     from ignite.engine import Events
@@ -212,13 +217,7 @@ def demo1(n_reports: int, epochs: int, text_cache: str) -> dict:
             batches.append({"image": torch.randn(batch, 1, size, size, generator=g),
                             "image_aug": torch.randn(batch, 1, size, size, generator=g),
                             "text": texts, "text_aug": [view(t) for t in texts]})
-    parser["bench_batches"] = batches
-    parser["pretrain#dataloader"] = "@bench_batches"
-    parser["pretrain#handlers"] = []
-    parser["pretrain#trainer#max_epochs"] = 1
-    parser.parse()
-    torch.manual_seed(0)
-    trainer = parser.get_parsed_content("pretrain#trainer")
+    trainer = pretrainer_on(parser, batches)
     times, cpu = step_timer(trainer, warmup=0)
     outputs = []
     from ignite.engine import Events
