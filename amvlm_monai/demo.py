@@ -1,5 +1,5 @@
-"""``make demo``: synthetic QaTa-style data -> AMVLM pretraining -> supervised, Mean-Teacher and AMVLM at 25 % labels
--> test scores, printed as the slides' table.
+"""``make demo``: synthetic QaTa-style data -> AMVLM pretraining -> supervised, Mean-Teacher, AMVLM and AMVLM with the
+pooled patch-report contrast L_mil (not in the paper) at 25 % labels -> test scores, printed as the slides' table.
 
 It is :mod:`amvlm_monai.protocol` on the demo data with the bundle's CPU preset (``configs/demo.json``); it runs
 from a source checkout (it needs ``bundles/`` and ``data_prep/``).
@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")
     parser.add_argument("--ablation", action="store_true", help="all the slides' ablation rows")
-    parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "amvlm"],
+    parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "amvlm", "amvlm_mil"],
                         choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--labeled", type=int, nargs="+", default=[25])

@@ -51,15 +51,18 @@ METHODS: dict[str, tuple[str, Optional[str], str]] = {
     "mt_icl": ("mt_icl.json", "icl", "MT + ICL"),
     "mt_css_icl": ("mt_css_icl.json", "full", "MT + CSS + ICL"),
     "amvlm": ("full.json", "full", "MT + CSS + ICL + L_tg (AMVLM)"),
+    "amvlm_mil": ("full.json", "mil", "AMVLM + L_mil (not in the paper)"),
 }
 #: stage-1 kind -> (pretraining overlay under configs/variants or None, checkpoint file name)
 PRETRAIN: dict[str, tuple[Optional[str], str]] = {
     "full": (None, "amvlm_pretrained.pt"),
     "css": ("pretrain_css.json", "amvlm_css.pt"),
     "icl": ("pretrain_icl.json", "amvlm_icl.pt"),
+    "mil": ("pretrain_mil.json", "amvlm_mil.pt"),
 }
 #: the comparisons of the paper's claim: (A, B) tested as A against B
-COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvlm", "supervised"))
+COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvlm", "supervised"),
+               ("amvlm_mil", "mean_teacher"), ("amvlm_mil", "amvlm"))
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def run(rank: int = 0, world: int = 1) -> tuple[list[dict], dict]:
     # SGD: Adam turns a gradient that is 0 up to rounding (e.g. the key bias, to which softmax is blind) into a
     # full step of either sign, so weights could not be compared between differently ordered sums
     opt = torch.optim.SGD(param_groups(model, 0.1, 0.05), lr=0.1, momentum=0.9)
-    trainer = AMVLMPretrainer("cpu", 1, batches(rank, world), model, opt, AMVLMLoss(), grad_clip=1.0)
+    trainer = AMVLMPretrainer("cpu", 1, batches(rank, world), model, opt, AMVLMLoss(mil_weight=0.5), grad_clip=1.0)
     outputs: list[dict] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     trainer.run()

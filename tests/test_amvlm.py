@@ -30,9 +30,9 @@ def test_encoders_give_normalised_projected_tokens(tiny_amvlm):
 
 
 def test_total_loss_is_the_weighted_sum_of_its_terms(tiny_amvlm):
-    loss = AMVLMLoss(ita_weight=1.0, css_weight=0.5, local_weight=0.1, icl_weight=0.1)
+    loss = AMVLMLoss(ita_weight=1.0, css_weight=0.5, local_weight=0.1, icl_weight=0.1, mil_weight=0.3)
     terms = loss(tiny_amvlm, *_batch(tiny_amvlm))
-    expected = terms["ita"] + 0.5 * terms["css"] + 0.1 * terms["local"] + 0.1 * terms["icl"]
+    expected = terms["ita"] + 0.5 * terms["css"] + 0.1 * terms["local"] + 0.1 * terms["icl"] + 0.3 * terms["mil"]
     assert math.isclose(float(terms["loss"]), float(expected), rel_tol=1e-6)
     parts = [terms[f"icl_{k}"] for k in ("coarse_image", "coarse_text", "fine_image", "fine_text")]
     assert math.isclose(float(terms["icl"]), float(sum(parts) / 4), rel_tol=1e-5)
@@ -53,6 +53,7 @@ def test_gradients_reach_exactly_the_trainable_parts(tiny_amvlm):
     ("css_weight", ("attend_words", "attend_patches", "pdt_")),
     ("icl_weight", ()),
     ("local_weight", ()),
+    ("mil_weight", ()),  # 0 by default: not in the paper
 ])
 def test_a_zero_weight_skips_its_term(tiny_amvlm, off, idle, monkeypatch):
     loss = AMVLMLoss(**{off: 0.0})

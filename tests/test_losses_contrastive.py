@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amvlm_monai.losses import ImageTextContrastiveLoss, LocalGlobalLoss, NonFiniteLossError, info_nce
+from amvlm_monai.losses import ImageTextContrastiveLoss, LocalGlobalLoss, NonFiniteLossError, PooledPatchTextLoss, info_nce
 from amvlm_monai.losses.contrastive import variance_weights
 
 TAU = 0.07
@@ -220,4 +220,91 @@ def test_local_autocast_float32():
     ref = LocalGlobalLoss()(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = LocalGlobalLoss()(*args)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------- L_mil (pooled patch-report contrast)
+def test_mil_by_hand():
+    # two images of two 2-d patches, two reports; S_ij = tau_p log(exp(s_i1j / tau_p) + exp(s_i2j / tau_p))
+    patches = torch.stack([unit(0, 90), unit(180, 45)])
+    txt = unit(10, 60)
+    c = lambda a: math.cos(math.radians(a))  # noqa: E731
+    tp = 0.2
+    pool = lambda a, b: tp * math.log(math.exp(c(a) / tp) + math.exp(c(b) / tp))  # noqa: E731
+    s = [[pool(0 - 10, 90 - 10), pool(0 - 60, 90 - 60)], [pool(180 - 10, 45 - 10), pool(180 - 60, 45 - 60)]]
+    i2t = [ce(s[0], 0), ce(s[1], 1)]
+    t2i = [ce([s[0][0], s[1][0]], 0), ce([s[0][1], s[1][1]], 1)]
+    want = (sum(i2t) + sum(t2i)) / 4
+    assert PooledPatchTextLoss(pool_temperature=tp)(patches, txt).item() == pytest.approx(want, rel=1e-10)
+
+
+def _mil_loop(patches, txt, tau=TAU, tp=0.2):
+    """L_mil written with loops: pooled scores by an explicit sum of exponentials, then row and column InfoNCE."""
+    b, p, _ = patches.shape
+    s = [[tp * math.log(sum(math.exp(float(patches[i, q] @ txt[j]) / tp) for q in range(p))) for j in range(b)]
+         for i in range(b)]
+    i2t = sum(ce(s[i], i, tau) for i in range(b)) / b
+    t2i = sum(ce([s[k][j] for k in range(b)], j, tau) for j in range(b)) / b
+    return (i2t + t2i) / 2
+
+
+@pytest.mark.parametrize("tp", [0.05, 0.2, 1.0])
+def test_mil_matches_loop(tp):
+    patches, txt = rnd(5, 7, 6, seed=1), rnd(5, 6, seed=2)
+    got = PooledPatchTextLoss(pool_temperature=tp)(patches, txt).item()
+    assert got == pytest.approx(_mil_loop(patches, txt, tp=tp), rel=1e-12)
+
+
+def test_mil_pooling_limits():
+    patches, txt = rnd(4, 9, 5, seed=3), rnd(4, 5, seed=4)
+    sim = torch.einsum("bpd,nd->bpn", patches, txt)
+    # a small tau_p pools by the maximum; a large one by the mean (+ tau_p log P)
+    assert torch.allclose(PooledPatchTextLoss(pool_temperature=1e-4).pooled(patches, txt), sim.amax(1), atol=1e-3)
+    big = PooledPatchTextLoss(pool_temperature=1e4).pooled(patches, txt)
+    assert torch.allclose(big - 1e4 * math.log(9), sim.mean(1), atol=1e-3)
+    # the maximum sees only the best patch: changing another patch leaves max-pooled scores alone
+    worst = sim[0, :, 0].argmin()
+    moved = patches.clone()
+    moved[0, worst] = -txt[0]
+    tight = PooledPatchTextLoss(pool_temperature=1e-4)
+    assert torch.allclose(tight.pooled(moved, txt)[0, 0], tight.pooled(patches, txt)[0, 0], atol=1e-3)
+
+
+def test_mil_rewards_the_lesion_patch_and_penalises_background_that_matches_every_report():
+    torch.manual_seed(0)
+    shared = torch.eye(8, dtype=torch.float64)[0]  # reports share a component ("infection", "lung"), as real ones do
+    txt = F.normalize(shared + 0.25 * torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    common = F.normalize(txt.mean(0), dim=0)  # similar to every report
+    null = torch.linalg.svd(txt)[2][-1]  # orthogonal to every report
+    assert (txt @ common > 0.3).all() and torch.allclose(txt @ null, torch.zeros(4, dtype=torch.float64), atol=1e-12)
+
+    def images(background, lesion=True):
+        x = background.expand(4, 6, 8).clone()
+        if lesion:
+            x[:, 0] = txt  # each image's "lesion" patch matches its own report
+        return x
+
+    loss = PooledPatchTextLoss()
+    # a patch that matches its report lowers the loss; background that matches every report raises it
+    assert loss(images(null), txt) < loss(images(null, lesion=False), txt)
+    assert loss(images(null), txt) < loss(images(common), txt)
+
+
+def test_mil_errors_and_autocast():
+    with pytest.raises(ValueError, match="pool_temperature"):
+        PooledPatchTextLoss(pool_temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        PooledPatchTextLoss(temperature=-1.0)
+    patches, txt = rnd(3, 4, 5), rnd(3, 5)
+    with pytest.raises(ValueError, match="txt"):
+        PooledPatchTextLoss()(patches, txt[:2])
+    with pytest.raises(ValueError, match="patches"):
+        PooledPatchTextLoss()(patches[0], txt)
+    bad = patches.clone()
+    bad[1, 2, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="PooledPatchTextLoss"):
+        PooledPatchTextLoss()(bad, txt)
+    ref = PooledPatchTextLoss()(patches.float(), txt.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = PooledPatchTextLoss()(patches.float(), txt.float())
     assert got.dtype == torch.float32 and torch.equal(got, ref)

@@ -65,13 +65,14 @@ def test_make_demo_quick_runs_every_step_and_prints_the_table(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for row in ("supervised U-Net", "Mean-Teacher", "MT + CSS + ICL + L_tg (AMVLM)", "Paired t-tests",
+    for row in ("supervised U-Net", "Mean-Teacher", "MT + CSS + ICL + L_tg (AMVLM)", "AMVLM + L_mil", "Paired t-tests",
                 "Pseudo labels on the unlabelled", "Stage 1, the kept checkpoint", "same count+sides i2t@1"):
         assert row in out, row
     assert (tmp_path / "results.md").read_text() in out
-    for method in ("supervised", "mean_teacher", "amvlm"):
+    for method in ("supervised", "mean_teacher", "amvlm", "amvlm_mil"):
         assert (tmp_path / "seed0" / "labeled25" / method / "model.pt").is_file()
-    assert (tmp_path / "seed0" / "models" / "amvlm_pretrained.json").is_file()
+    for name in ("amvlm_pretrained", "amvlm_mil"):  # the two stage-1 checkpoints, each with its validation figures
+        assert (tmp_path / "seed0" / "models" / f"{name}.json").is_file()
     from PIL import Image
 
     def width(method):  # evaluation panels: image | truth | prediction (| text mask, with a stage-1 checkpoint)

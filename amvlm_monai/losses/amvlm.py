@@ -1,4 +1,4 @@
-"""The stage-1 objective: L = w_ita L_ita + w_css L_CSS + w_local L_local + w_icl L_ICL.
+"""The stage-1 objective: L = w_ita L_ita + w_css L_CSS + w_local L_local + w_icl L_ICL (+ w_mil L_mil, an option).
 
 A weight of 0 switches its term off and skips its computation (no cross-attention or PDT without CSS, no momentum
 forward without ICL).
@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from amvlm_monai.losses.contrastive import ImageTextContrastiveLoss, LocalGlobalLoss
+from amvlm_monai.losses.contrastive import ImageTextContrastiveLoss, LocalGlobalLoss, PooledPatchTextLoss
 from amvlm_monai.losses.css import CSSLoss
 from amvlm_monai.losses.icl import ICLLoss
 
@@ -26,6 +26,9 @@ class AMVLMLoss(nn.Module):
         css_weight: cross-modal similarity supervision (0.5).
         local_weight: token-to-global contrast (0.1).
         icl_weight: intra-modal contrastive learning (0.1).
+        mil_weight: pooled patch-report contrast (:class:`~amvlm_monai.losses.contrastive.PooledPatchTextLoss`); not
+            in the paper, so 0 by default.
+        mil_pool_temperature: its soft-maximum temperature tau_p.
         temperature: tau of every contrastive term.
         pdt_mode: "modulate" (default), "soft_targets" or "none" (CSS without PDT supervision).
         token_weighting: "uniform" or "attention" (CLS-attention token weights in CSS).
@@ -37,9 +40,10 @@ class AMVLMLoss(nn.Module):
 
     def __init__(self, ita_weight: float = 1.0, css_weight: float = 0.5, local_weight: float = 0.1,
                  icl_weight: float = 0.1, temperature: float = 0.07, pdt_mode: str = "modulate",
-                 token_weighting: str = "uniform") -> None:
+                 token_weighting: str = "uniform", mil_weight: float = 0.0, mil_pool_temperature: float = 0.2) -> None:
         super().__init__()
-        self.weights = {"ita": ita_weight, "css": css_weight, "local": local_weight, "icl": icl_weight}
+        self.weights = {"ita": ita_weight, "css": css_weight, "local": local_weight, "icl": icl_weight,
+                        "mil": mil_weight}
         for name, w in self.weights.items():
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name}_weight must be a finite number >= 0, got {w}.")
@@ -49,6 +53,7 @@ class AMVLMLoss(nn.Module):
         self.css = CSSLoss(temperature, pdt_mode=pdt_mode, token_weighting=token_weighting)
         self.local = LocalGlobalLoss(temperature)
         self.icl = ICLLoss(temperature, return_terms=True)
+        self.mil = PooledPatchTextLoss(temperature, mil_pool_temperature)
         self.pdt_mode = pdt_mode
 
     @property
@@ -69,7 +74,7 @@ class AMVLMLoss(nn.Module):
 
         Returns:
             dict with ``loss`` (the weighted total) and each active term unweighted (``ita``, ``css``, ``local``,
-            ``icl`` and the four ICL parts ``icl_coarse_image`` ...).
+            ``icl`` and the four ICL parts ``icl_coarse_image`` ..., ``mil``).
         """
         img = model.encode_image(images)
         txt = model.encode_text(tokens)
@@ -91,6 +96,8 @@ class AMVLMLoss(nn.Module):
             terms["icl"], parts = self.icl(img.cls, img_a.cls, img_a.tokens, txt.cls, txt_a.cls, txt_a.tokens,
                                            txt_a.mask)
             terms.update({f"icl_{k}": v.detach() for k, v in parts.items()})
+        if self.weights["mil"]:
+            terms["mil"] = self.mil(img.tokens, txt.cls)
         total = sum(self.weights[k] * terms[k] for k in self.active)
         terms["loss"] = total
         return terms

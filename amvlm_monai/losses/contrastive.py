@@ -1,4 +1,5 @@
-"""Contrastive losses: per-row InfoNCE, global image-text contrast (L_ita) and token-to-global contrast (L_local).
+"""Contrastive losses: per-row InfoNCE, global image-text contrast (L_ita), token-to-global contrast (L_local) and
+the pooled patch-report contrast (L_mil, an option of this implementation, not in the paper).
 
 All losses take embeddings that are **already L2-normalised** (the heads normalise; a loss never re-normalises), so
 ``sim(a, b) = a . b``. Masks are bool with True on real tokens; padded slots never change a result, whatever they hold.
@@ -41,6 +42,7 @@ __all__ = [
     "info_nce",
     "ImageTextContrastiveLoss",
     "LocalGlobalLoss",
+    "PooledPatchTextLoss",
 ]
 
 def info_nce(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -214,4 +216,70 @@ class LocalGlobalLoss(_Loss):
             l_img = self._direction(patches, patch_mask, txt_cls)
             l_txt = self._direction(words, word_mask, img_cls)
             loss = (l_img + l_txt) / 2
+        return check_finite(loss, type(self).__name__)
+
+
+class PooledPatchTextLoss(_Loss):
+    """L_mil: image-report contrast on patch similarities pooled by a soft maximum (multiple-instance learning).
+
+    Not in the paper; an option of this implementation (``mil_weight`` in ``pretrain.json``, 0 by default). The image
+    is a bag of patches and matches a report through its best-matching patches:
+    ``S_ij = tau_p * log sum_p exp(sim(v_i^p, t_j^cls) / tau_p)``, then the symmetric InfoNCE of L_ita on ``S / tau``:
+    ``L = (CE(S / tau, I) + CE(S^T / tau, I)) / 2``. ``tau_p -> 0`` pools by the maximum, large ``tau_p`` by the
+    mean plus ``tau_p log P``.
+
+    Why: the text mask of stage 2 is the similarity of each patch with the report, so the patches must be what
+    matches the report. L_local asks *every* patch to pick its own report out of the batch; background patches look
+    alike in every image and cannot, and their pull towards the mean report leaves them about as similar to a report
+    as the lesion patches are. Pooling lets the few patches that tell the reports apart carry the match, and a
+    background patch that scores high against every report raises the negatives as much as the positive, which
+    costs loss (tested).
+    Measured on the demo (README): the lesion-pixel AUC of the patch-report similarity rose from 0.53-0.59 to
+    0.62-0.64 and the initial text mask's Dice from 0 to 0.085 (all-ones mask 0.057).
+
+    Args:
+        temperature: tau (> 0) of the contrast, default 0.07.
+        pool_temperature: tau_p (> 0) of the soft maximum, default 0.2 (on the demo's validation split 0.2 and 0.5
+            did best among 0.05, 0.1, 0.2, 0.5).
+    """
+
+    def __init__(self, temperature: float = 0.07, pool_temperature: float = 0.2) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.pool_temperature = check_temperature(pool_temperature, "pool_temperature")
+
+    def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows from every process and the row offset of this one (single process: ``(x, 0)``)."""
+        return gather_with_grad(x)
+
+    def pooled(self, patches: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """``(B, P, D)`` patches and ``(N, D)`` reports -> ``(B, N)`` pooled similarities ``S``."""
+        sim = torch.einsum("bpd,nd->bpn", patches, txt)
+        return self.pool_temperature * torch.logsumexp(sim / self.pool_temperature, dim=1)
+
+    def forward(self, patches: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            patches: ``(B, P, D)`` L2-normalised patch embeddings.
+            txt: ``(B, D)`` L2-normalised report CLS embeddings; row i is paired with image i.
+
+        Returns:
+            scalar.
+
+        Example:
+            >>> n = lambda *s: torch.nn.functional.normalize(torch.randn(*s), dim=-1)
+            >>> PooledPatchTextLoss()(n(3, 4, 8), n(3, 8)).shape
+            torch.Size([])
+        """
+        check_shape(patches, "patches", (None, None, None))
+        b, _, d = patches.shape
+        check_shape(txt, "txt", (b, d))
+        with float32_inputs(patches, txt) as (patches, txt):
+            all_txt, offset = self._gather(txt)
+            rows = self.pooled(patches, all_txt)  # this rank's images against every report, (B, B_all)
+            all_rows, _ = self._gather(rows)  # every image against every report, (B_all, B_all)
+            labels = torch.arange(b, device=patches.device) + offset
+            i2t = info_nce(rows / self.temperature, labels)
+            t2i = info_nce(all_rows[:, offset:offset + b].T / self.temperature, labels)
+            loss = ((i2t + t2i) / 2).mean()
         return check_finite(loss, type(self).__name__)
