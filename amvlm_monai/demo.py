@@ -6,7 +6,7 @@ from a source checkout (it needs ``bundles/`` and ``data_prep/``).
 
 Usage::
 
-    python -m amvlm_monai.demo                       # the demo (about 5 minutes on 2 cores)
+    python -m amvlm_monai.demo                       # the demo (about 9 minutes on 2 cores)
     python -m amvlm_monai.demo --quick               # a smoke run of every step (tiny sizes)
     python -m amvlm_monai.demo --ablation --seeds 0 1 2   # the slides' ablation rows over 3 seeds
 """
