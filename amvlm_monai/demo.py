@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")
-    parser.add_argument("--ablation", action="store_true", help="all the slides' ablation rows")
+    parser.add_argument("--ablation", action="store_true", help="all the slides' ablation rows, and amvlm_mil")
     parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "amvlm", "amvlm_mil"],
                         choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -60,7 +60,7 @@ PRETRAIN: dict[str, tuple[Optional[str], str]] = {
     "icl": ("pretrain_icl.json", "amvlm_icl.pt"),
     "mil": ("pretrain_mil.json", "amvlm_mil.pt"),
 }
-#: the comparisons of the paper's claim: (A, B) tested as A against B
+#: the comparisons of the paper's claim, then of L_mil: (A, B) tested as A against B
 COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvlm", "supervised"),
                ("amvlm_mil", "mean_teacher"), ("amvlm_mil", "amvlm"))
 
