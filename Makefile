@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m amvlm_monai.demo
+	$(PY) -m amvlm_monai.workflows.demo
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

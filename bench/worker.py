@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from amvlm_monai.data.errors import DataError
+from amvlm_monai.utils.errors import DataError
 
 __all__ = ["write_xlsx", "read_xlsx"]
 

@@ -33,7 +33,7 @@ Outputs in ``--out`` (never inside ``--src``): ``labels/``, ``datalist.json`` (i
 ``split_fewshot1.json``, ``split_fewshot10.json``.
 
 Everything is checked before anything is written; all problems are raised together in one
-`amvlm_monai.data.errors.DataError` naming each file: a missing lesion or bone mask for an image, a mask without an
+`amvlm_monai.utils.errors.DataError` naming each file: a missing lesion or bone mask for an image, a mask without an
 image, a mask whose size differs from its image's, an unreadable or corrupt file, two files with one name in a
 folder, an unexpected file, a name without a patient id, fewer than three patients, an empty split.
 
@@ -54,9 +54,8 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe import describe_mask
-from amvlm_monai.cli import cli_errors
-from amvlm_monai.data.errors import raise_if_problems
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.errors import cli_errors, raise_if_problems
+from amvlm_monai.utils.progress import progress
 
 from .common import (
     IMAGE_EXTS,

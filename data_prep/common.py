@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.datalist import ROOTS_KEY, write_datalist
-from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.splits import partition, write_splits
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.errors import DataError
+from amvlm_monai.utils.progress import progress
 
 from ._xlsx import read_xlsx
 

@@ -47,7 +47,7 @@ Outputs in ``--out`` (never inside ``--src``; the source is only read):
   (`amvlm_monai.data.splits.write_splits`).
 
 Everything is checked before anything is written; all problems are raised together in one
-`amvlm_monai.data.errors.DataError` naming each file: an XML without regions, unparsable or with bad vertices
+`amvlm_monai.utils.errors.DataError` naming each file: an XML without regions, unparsable or with bad vertices
 (missing or non-numeric X/Y, fewer than three in a region, outside the image), an XML or TIF without its partner,
 an unreadable or corrupt TIF/PNG, a spreadsheet row without description or image, an empty split.
 
@@ -68,9 +68,8 @@ import numpy as np
 from PIL import Image
 
 from amvlm_monai.data.describe_nuclei import describe_nuclei
-from amvlm_monai.cli import cli_errors
-from amvlm_monai.data.errors import raise_if_problems
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.errors import cli_errors, raise_if_problems
+from amvlm_monai.utils.progress import progress
 
 from .common import (
     LVIT_SPLITS,

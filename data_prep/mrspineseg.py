@@ -28,7 +28,7 @@ Outputs in ``--out`` (never inside ``--src``): ``images/Case<N>_s<iii>.nii.gz`` 
 ``split_labeled50.json``, ``split_fewshot1.json``, ``split_fewshot10.json``.
 
 Everything is checked before anything is written; all problems are raised together in one
-`amvlm_monai.data.errors.DataError` naming each file: a case without a mask or a mask without a case, an unreadable,
+`amvlm_monai.utils.errors.DataError` naming each file: a case without a mask or a mask without a case, an unreadable,
 corrupt or truncated NIfTI, a volume that is not 3D, a mask whose shape or affine differs from its image's, label
 values that are not integers in 0..19, NaN or infinite voxels in an image, a mask without any label (unless
 ``--keep-empty``), an unexpected file name, fewer than three cases, an empty split.
@@ -50,10 +50,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 
-from amvlm_monai.cli import cli_errors
-from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.spine import NUM_SPINE_CLASSES, describe_spine
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.errors import cli_errors, raise_if_problems
+from amvlm_monai.utils.progress import progress
 
 from .common import (
     add_common_args,

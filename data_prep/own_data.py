@@ -45,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from amvlm_monai.cli import cli_errors
 from amvlm_monai.data.describe import describe_mask
-from amvlm_monai.data.errors import DataError, raise_if_problems
+from amvlm_monai.utils.errors import DataError, cli_errors, raise_if_problems
 
 from .common import (
     IMAGE_EXTS,

@@ -33,7 +33,7 @@ Every source file is checked before anything is written: readable PNGs (PIL veri
 mask and spreadsheet row, a mask for every image, a description for every row, the spreadsheet columns, image and
 mask of the same size, mask values 0/1 or 0/255 only, no empty split, no image listed twice. All problems are raised
 together in one
-`amvlm_monai.data.errors.DataError` naming each file; nothing is written then.
+`amvlm_monai.utils.errors.DataError` naming each file; nothing is written then.
 
 CLI::
 
@@ -49,10 +49,9 @@ from pathlib import Path
 import numpy as np
 
 from amvlm_monai.data.describe import describe_mask
-from amvlm_monai.cli import cli_errors
-from amvlm_monai.data.errors import raise_if_problems
 from amvlm_monai.data.splits import partition
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.errors import cli_errors, raise_if_problems
+from amvlm_monai.utils.progress import progress
 
 from .common import (
     LVIT_SPLITS,

@@ -46,7 +46,7 @@ def patch_features(model: torch.nn.Module, batch: dict, cover: float) -> tuple[t
 def probe_auc(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
               steps: int = 300) -> float:
     """ROC AUC on (x_val, y_val) of a class-balanced logistic regression fitted on standardised x_train."""
-    from amvlm_monai.alignment import roc_auc
+    from amvlm_monai.evaluation.alignment import roc_auc
 
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_val = (x_train - mean) / std, (x_val - mean) / std

@@ -14,8 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-
-from conftest import REPORTS as _REPORTS, TINY  # noqa: E402  (this file's folder is first on sys.path)
+from conftest import REPORTS as _REPORTS  # noqa: E402  (this file's folder is first on sys.path)
+from conftest import TINY
 
 REPORTS = _REPORTS + ["Small effusion.", "Lower left lung."]
 GLOBAL_BATCH, STEPS = 6, 2
@@ -72,7 +72,7 @@ def predictions() -> tuple[torch.Tensor, torch.Tensor]:
 
 def metric(rank: int = 0, world: int = 1) -> float:
     """The validation Dice of SegmentationMetric over this rank's shard (images rank, rank + world, ...)."""
-    from amvlm_monai.handlers import SegmentationMetric
+    from amvlm_monai.handlers.metrics import SegmentationMetric
 
     pred, label = predictions()
     m = SegmentationMetric("dice", output_transform=lambda out: out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amvlm_monai.alignment import localisation_scores, retrieval_recall, roc_auc
+from amvlm_monai.evaluation.alignment import localisation_scores, retrieval_recall, roc_auc
 
 
 def _brute_recall(sim, index, k):
@@ -85,8 +85,9 @@ def test_localisation_by_hand():
 
 
 def test_evaluate_alignment_on_a_tiny_model(tiny_amvlm):
-    from amvlm_monai.alignment import evaluate_alignment
     from conftest import REPORTS
+
+    from amvlm_monai.evaluation.alignment import evaluate_alignment
 
     g = torch.Generator().manual_seed(0)
     labels = (torch.rand(4, 1, 32, 32, generator=g) > 0.8).float()
@@ -108,15 +109,17 @@ def test_fact_recall_in_validation_and_skipped_for_class_maps(tiny_amvlm, caplog
     import logging
     from types import SimpleNamespace
 
-    from amvlm_monai.alignment import AlignmentValidation, evaluate_alignment
+    from amvlm_monai.handlers.alignment import AlignmentValidation
     from conftest import REPORTS
+
+    from amvlm_monai.evaluation.alignment import evaluate_alignment
 
     masks = _hand_masks()
     batches = [{"image": torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0)), "label": masks,
                 "text": [REPORTS[2], REPORTS[2], REPORTS[0], REPORTS[1], REPORTS[1]]}]
     validation = AlignmentValidation(batches, tiny_amvlm)
     engine = SimpleNamespace(state=SimpleNamespace(metrics={}, device="cpu", epoch=1))
-    with caplog.at_level(logging.INFO, logger="amvlm_monai.alignment"):
+    with caplog.at_level(logging.INFO, logger="amvlm_monai.handlers.alignment"):
         validation(engine)
     m = engine.state.metrics
     # 3 distinct reports: that of images 0, 1 states A, that of image 2 B, that of images 3, 4 C
@@ -125,9 +128,10 @@ def test_fact_recall_in_validation_and_skipped_for_class_maps(tiny_amvlm, caplog
     assert f"i2t@1 {m['val_i2t_fact_r1']:.3f} (chance 0.333)" in caplog.text and "count+sides+zones" in caplog.text
     spine = masks.clone()
     spine[2] *= 4  # class indices (MRSpineSeg-like): no region facts, and no crash
-    monkeypatch.setattr("amvlm_monai.alignment._warned", set())  # the reason is logged once per process
+    monkeypatch.setattr("amvlm_monai.evaluation.alignment._warned", set())  # the reason is logged once per process
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="amvlm_monai.alignment"):
+    with caplog.at_level(logging.INFO, logger="amvlm_monai.evaluation.alignment"), \
+            caplog.at_level(logging.INFO, logger="amvlm_monai.handlers.alignment"):
         out = evaluate_alignment(tiny_amvlm, [dict(batches[0], label=spine)])
         AlignmentValidation([dict(batches[0], label=spine)], tiny_amvlm)(engine)
     assert math.isnan(out["i2t_fact_r1"]) and math.isnan(out["t2i_fact_zone_r1_chance"])
@@ -139,8 +143,9 @@ def test_fact_recall_in_validation_and_skipped_for_class_maps(tiny_amvlm, caplog
 def test_the_cli_scores_a_checkpoint_on_a_split(tiny_amvlm, demo_data, tmp_path, capsys):
     import json
 
-    from amvlm_monai.alignment import main
-    from amvlm_monai.handlers import save_pretrained
+    from amvlm_monai.handlers.checkpoint import save_pretrained
+
+    from amvlm_monai.evaluation.alignment import main
 
     ckpt = tmp_path / "amvlm.pt"
     save_pretrained(str(ckpt), tiny_amvlm)
@@ -166,7 +171,7 @@ def _hand_masks():
 
 
 def test_label_facts_by_hand():
-    from amvlm_monai.alignment import label_facts
+    from amvlm_monai.evaluation.alignment import label_facts
 
     facts = label_facts(_hand_masks())
     assert facts["fact"] == [(1, (0,)), (1, (0,)), (2, (0, 2)), (0, ()), (0, ())]
@@ -181,7 +186,7 @@ def test_label_facts_by_hand():
 
 def _hand_case():
     """sim = image_emb @ eye(4): image i's row is its similarity to the 4 distinct reports; images 3, 4 share report 3."""
-    from amvlm_monai.alignment import label_facts
+    from amvlm_monai.evaluation.alignment import label_facts
 
     image_emb = torch.tensor([[0.1, 0.9, 0.0, 0.0],  # best report 1: not its own, but the same facts A (zone differs)
                               [0.0, 0.2, 0.8, 0.1],  # best report 2: facts B, the image has A -> miss
@@ -192,7 +197,7 @@ def _hand_case():
 
 
 def test_fact_recall_by_hand():
-    from amvlm_monai.alignment import fact_recall
+    from amvlm_monai.evaluation.alignment import fact_recall
 
     img, txt, index, facts = _hand_case()
     out = fact_recall(img, txt, index, facts["fact"])
@@ -235,7 +240,7 @@ def _brute_fact_recall(sim, index, facts, k):
 
 
 def test_fact_recall_against_loops_and_enumeration():
-    from amvlm_monai.alignment import fact_recall
+    from amvlm_monai.evaluation.alignment import fact_recall
 
     g = torch.Generator().manual_seed(3)
     for trial in range(4):
@@ -253,7 +258,7 @@ def test_fact_recall_against_loops_and_enumeration():
 
 
 def test_fact_recall_is_one_when_aligned_and_can_fail():
-    from amvlm_monai.alignment import fact_recall, label_facts
+    from amvlm_monai.evaluation.alignment import fact_recall, label_facts
 
     facts = label_facts(_hand_masks())["fact"]
     txt = F.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), dim=1)
@@ -272,8 +277,8 @@ def test_label_facts_read_masks_as_the_pipeline_loads_them(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from amvlm_monai.alignment import label_facts
     from amvlm_monai.data.describe import describe_mask
+    from amvlm_monai.evaluation.alignment import label_facts
     from amvlm_monai.transforms.pipelines import segmentation_transforms
 
     mask = np.zeros((32, 48), np.uint8)  # not square: a transposed read would not even have the same shape
@@ -290,9 +295,12 @@ def test_label_facts_read_masks_as_the_pipeline_loads_them(tmp_path):
 
 
 def test_refresh_bn_statistics_averages_training_batches(tiny_amvlm):
-    from amvlm_monai.alignment import AlignmentValidation, refresh_bn_statistics
-    from conftest import REPORTS
     from types import SimpleNamespace
+
+    from amvlm_monai.handlers.alignment import AlignmentValidation
+    from conftest import REPORTS
+
+    from amvlm_monai.evaluation.alignment import refresh_bn_statistics
 
     g = torch.Generator().manual_seed(1)
     batches = [{"image": torch.randn(4, 1, 32, 32, generator=g), "text": REPORTS} for _ in range(3)]

@@ -2,12 +2,10 @@
 
 import math
 
-
-
 import pytest
 import torch
-from ignite.engine import Events
 from conftest import REPORTS, TINY
+from ignite.engine import Events
 
 from amvlm_monai.losses.amvlm import AMVLMLoss
 
@@ -118,12 +116,12 @@ def test_checkpoint_round_trip_rebuilds_without_config(tiny_amvlm, tmp_path):
 
 
 def test_pretrainer_trains_logs_every_term_and_saves(tiny_amvlm, demo_data, tmp_path):
+    from amvlm_monai.handlers.checkpoint import SavePretrained
     from monai.data import DataLoader, Dataset
 
     from amvlm_monai.data.datalist import load_datalist
     from amvlm_monai.engines.pretrainer import AMVLMPretrainer
     from amvlm_monai.engines.step import trainable_parameters
-    from amvlm_monai.handlers import SavePretrained
     from amvlm_monai.networks.amvlm import load_amvlm
     from amvlm_monai.transforms.pipelines import pretrain_transforms
 
@@ -206,9 +204,9 @@ def test_a_text_rate_of_zero_freezes_the_text_encoder_but_not_its_heads(tiny_amv
 
 
 def test_a_conv_stem_checkpoint_loads_back_with_its_stem(tmp_path):
+    from amvlm_monai.handlers.checkpoint import save_pretrained
     from conftest import TINY
 
-    from amvlm_monai.handlers import save_pretrained
     from amvlm_monai.networks.amvlm import AMVLM, load_amvlm
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amvlm_monai.cli import root_cause
+from amvlm_monai.utils.errors import root_cause
 
 ROOT = Path(__file__).resolve().parents[1]
 QATA = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
@@ -322,7 +322,7 @@ def test_truncated_stage1_checkpoint_in_training(bundle, demo_data, tiny_amvlm, 
 
 
 def test_truncated_model_in_evaluation(bundle, demo_data, tmp_path):
-    from amvlm_monai.model_info import make_model_info, write_model_info
+    from amvlm_monai.io.model_info import make_model_info, write_model_info
     from amvlm_monai.networks.segmentation import build_segmentation_net
 
     models = tmp_path / "models"
@@ -339,7 +339,7 @@ def test_truncated_model_in_evaluation(bundle, demo_data, tmp_path):
 
 
 def test_truncated_checkpoint_in_the_uncertainty_report(tiny_amvlm, tmp_path, capsys):
-    from amvlm_monai.uncertainty import main
+    from amvlm_monai.evaluation.uncertainty import main
 
     torch.save({"model": tiny_amvlm.state_dict(), "config": tiny_amvlm.config}, tmp_path / "full.pt")
     bad = truncate(tmp_path / "full.pt", tmp_path / "src" / "amvlm_pretrained.pt")
@@ -407,7 +407,7 @@ def _datalist_with(tmp_path, image_path):
 
 def test_datalist_path_with_dotdot(tmp_path):
     from amvlm_monai.data.datalist import load_datalist
-    from amvlm_monai.data.errors import DataError
+    from amvlm_monai.utils.errors import DataError
 
     data = _datalist_with(tmp_path, "../elsewhere/a.png")
     before = listing(data)
@@ -422,7 +422,7 @@ def test_datalist_path_with_dotdot(tmp_path):
 
 def test_datalist_absolute_path(tmp_path):
     from amvlm_monai.data.datalist import load_datalist
-    from amvlm_monai.data.errors import DataError
+    from amvlm_monai.utils.errors import DataError
 
     data = _datalist_with(tmp_path, "/etc/hostname")
     before = listing(data)

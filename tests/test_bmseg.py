@@ -6,7 +6,7 @@ from PIL import Image
 
 from amvlm_monai.data.datalist import load_datalist
 from amvlm_monai.data.describe import describe_mask
-from amvlm_monai.data.errors import DataError
+from amvlm_monai.utils.errors import DataError
 from data_prep.bmseg import convert_bmseg, main, patient_of
 
 S = 32  # slice size

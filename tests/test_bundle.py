@@ -83,8 +83,8 @@ def _run(bundle, run_id, configs, **overrides):
 
 
 def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_path):
+    from amvlm_monai.evaluation.metrics import read_scores_csv
     from amvlm_monai.networks.amvlm import load_amvlm
-    from amvlm_monai.metrics import read_scores_csv
 
     models = bundle_copy / "models"
     _run(bundle_copy, "pretraining", ["pretrain.json"], dataset_dir=str(demo_data), **PRETRAIN_TINY)
@@ -120,8 +120,8 @@ def _check_logs_panels_and_heatmap(bundle, scores, tmp_path):
     and the alignment heat-map and README figures made from them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from amvlm_monai.export import read_eval_metrics
-    from amvlm_monai.visualize import readme_figures
+    from amvlm_monai.evaluation.figures import readme_figures
+    from amvlm_monai.workflows.export import read_eval_metrics
 
     models, eval_dir = bundle / "models", bundle / "eval"
     train = EventAccumulator(str(models / "tensorboard"), size_guidance={"images": 0})
@@ -210,7 +210,7 @@ def test_multiclass_spine_bundle_end_to_end(spine_bundle, tmp_path):
     """Both stages and the evaluation on MRSpineSeg-layout volumes: 20 classes, one text prompt per class."""
     from test_mrspineseg import make
 
-    from amvlm_monai.metrics import read_scores_csv
+    from amvlm_monai.evaluation.metrics import read_scores_csv
     from data_prep.mrspineseg import convert_mrspineseg
 
     data = tmp_path / "data"
@@ -293,7 +293,7 @@ def test_check_properties_finds_an_inline_key_metric(demo_data, stage1_checkpoin
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("mlflow") is not None, reason="mlflow is installed")
 def test_tracking_mlflow_without_mlflow_names_the_package_to_install(bundle_copy, demo_data, tmp_path):
-    from amvlm_monai.handlers import MLFLOW_MISSING
+    from amvlm_monai.handlers.tracking import MLFLOW_MISSING
 
     with pytest.raises(Exception) as err:
         _run(bundle_copy, "training", ["train.json", "variants/supervised.json"], dataset_dir=str(demo_data),

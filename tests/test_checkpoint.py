@@ -52,21 +52,21 @@ def test_the_crafted_file_does_run_code_when_loaded_unsafely(evil):
 
 
 def test_every_entry_point_refuses_a_crafted_checkpoint_without_running_it(evil, tmp_path, demo_data, capsys):
+    from amvlm_monai.handlers.checkpoint import LoadModel
     from ignite.engine import Engine
 
-    from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
-    from amvlm_monai.model_info import LoadModel
+    from amvlm_monai.evaluation import uncertainty
+    from amvlm_monai.engines.guidance import build_text_guidance
     from amvlm_monai.inference import volume
+    from amvlm_monai.io.checkpoint import CheckpointError, load_checkpoint
     from amvlm_monai.networks.amvlm import load_amvlm
-    from amvlm_monai.networks.guidance import build_text_guidance
-    from amvlm_monai import uncertainty
 
     path, marker = evil
     refused = f"{path}: refused to load"
     for load in (load_checkpoint, load_amvlm, build_text_guidance):
         with pytest.raises(CheckpointError, match=refused):
             load(path)
-    with pytest.raises(SystemExit):  # python -m amvlm_monai.uncertainty --checkpoint ...
+    with pytest.raises(SystemExit):  # python -m amvlm_monai.evaluation.uncertainty --checkpoint ...
         uncertainty.main(["--checkpoint", str(path), "--image", "x.png", "--reports", "a", "b"])
     assert refused in capsys.readouterr().err
     with pytest.raises(SystemExit):  # python -m amvlm_monai.inference.volume --model ...
@@ -91,7 +91,8 @@ def test_every_entry_point_refuses_a_crafted_checkpoint_without_running_it(evil,
 
 
 def test_a_crafted_resumable_state_is_refused(tmp_path):
-    from amvlm_monai.checkpoint import CheckpointError, TrainingState
+    from amvlm_monai.engines.state import TrainingState
+    from amvlm_monai.io.checkpoint import CheckpointError
 
     marker = tmp_path / "marker"
     torch.save({"network": _Payload(marker)}, tmp_path / "train_state_epoch=1.pt")
@@ -103,10 +104,10 @@ def test_a_crafted_resumable_state_is_refused(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
 def test_a_damaged_checkpoint_gives_one_error_naming_it(damage, tiny_amvlm, tmp_path):
+    from amvlm_monai.handlers.checkpoint import LoadModel
     from ignite.engine import Engine
 
-    from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
-    from amvlm_monai.model_info import LoadModel
+    from amvlm_monai.io.checkpoint import CheckpointError, load_checkpoint
     from amvlm_monai.networks.amvlm import load_amvlm
 
     good = tmp_path / "good.pt"
@@ -124,7 +125,7 @@ def test_a_damaged_checkpoint_gives_one_error_naming_it(damage, tiny_amvlm, tmp_
 
 
 def test_the_loader_memory_maps_on_request(tmp_path):
-    from amvlm_monai.checkpoint import load_checkpoint
+    from amvlm_monai.io.checkpoint import load_checkpoint
 
     torch.save({"w": torch.arange(6.0)}, tmp_path / "a.pt")
     assert torch.equal(load_checkpoint(tmp_path / "a.pt", mmap=True)["w"], torch.arange(6.0))
@@ -133,7 +134,7 @@ def test_the_loader_memory_maps_on_request(tmp_path):
 
 
 def test_stage1_config_holds_only_plain_values(tiny_amvlm):
-    from amvlm_monai.checkpoint import plain_config
+    from amvlm_monai.io.checkpoint import plain_config
 
     config = plain_config(dict(tiny_amvlm.config, image_size=(np.int64(32), 32), text_model=Path("/m")))
     assert config["image_size"] == (32, 32) and type(config["image_size"][0]) is int and config["text_model"] == "/m"
@@ -143,7 +144,7 @@ def test_stage1_config_holds_only_plain_values(tiny_amvlm):
 
 # ---- atomic saves ---------------------------------------------------------------------------------------------------
 def test_a_failure_during_the_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    from amvlm_monai.checkpoint import atomic_save
+    from amvlm_monai.io.checkpoint import atomic_save
 
     path = tmp_path / "model.pt"
     atomic_save({"w": torch.ones(3)}, path)
@@ -163,7 +164,7 @@ def test_a_failure_during_the_save_keeps_the_previous_file(tmp_path, monkeypatch
 _WRITER = """
 import os, sys, time, torch
 sys.path.insert(0, {root!r})
-from amvlm_monai.checkpoint import atomic_save
+from amvlm_monai.io.checkpoint import atomic_save
 path, ready, mode = sys.argv[1:4]
 
 class Slow:  # a file object that stalls half way, so that the kill lands inside the write
@@ -193,7 +194,7 @@ else:  # what MONAI's CheckpointSaver does: torch.save straight onto the target
 
 @pytest.mark.parametrize("mode", ["atomic", "in_place"])
 def test_a_kill_during_the_save_keeps_the_previous_file(mode, tmp_path):
-    from amvlm_monai.checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint
+    from amvlm_monai.io.checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint
 
     path, ready = tmp_path / "model.pt", tmp_path / "ready"
     atomic_save({"w": torch.ones(8)}, path)
@@ -221,7 +222,7 @@ def test_a_kill_during_the_save_keeps_the_previous_file(mode, tmp_path):
 
 
 def test_stale_files_of_live_writers_are_kept(tmp_path):
-    from amvlm_monai.checkpoint import _tmp_name, clean_stale_tmp
+    from amvlm_monai.io.checkpoint import _tmp_name, clean_stale_tmp
 
     parent = _tmp_name(tmp_path / "model.pt").name.replace(f".{os.getpid()}.", f".{os.getppid()}.")
     live = tmp_path / parent  # a live process (pytest's parent) may be in the middle of a save
@@ -256,7 +257,7 @@ def _engine(metric):
 
 
 def test_a_fresh_run_does_not_replace_an_earlier_runs_outputs_unless_told(tmp_path):
-    from amvlm_monai.checkpoint import TrainingState
+    from amvlm_monai.engines.state import TrainingState
 
     (tmp_path / "model.pt").write_bytes(b"earlier best")
     (tmp_path / "train_state_epoch=3.pt").write_bytes(b"earlier state")
@@ -277,17 +278,17 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_outputs_unless_told(tmp_pa
 def test_pretraining_resumes_to_the_same_weights(demo_data, tmp_path):
     """Stage 1 stopped after one epoch and resumed equals two epochs straight (towers, heads, momentum copies, PDT,
     Adam, and the random augmentation of the ICL views)."""
+    from conftest import TINY
     from monai.data import DataLoader, Dataset
     from monai.utils import set_determinism
 
-    from amvlm_monai.checkpoint import TrainingState
     from amvlm_monai.data.datalist import load_datalist
     from amvlm_monai.engines.pretrainer import AMVLMPretrainer
+    from amvlm_monai.engines.state import TrainingState
     from amvlm_monai.engines.step import param_groups
     from amvlm_monai.losses.amvlm import AMVLMLoss
     from amvlm_monai.networks.amvlm import AMVLM
     from amvlm_monai.transforms.pipelines import pretrain_transforms
-    from conftest import TINY
 
     items = load_datalist(demo_data / "datalist.json", "training")[:4]
 

@@ -1,7 +1,6 @@
 """Errors for people: error lines and exit status of the commands, the bundles' message-first report, overrides
 MONAI's command line would drop."""
 
-import os
 import runpy
 import shutil
 import sys
@@ -9,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from amvlm_monai.cli import (bundle_guard, check_writable, cli_errors, dropped_overrides, error_lines,
-                             parse_key_values, root_cause)
-from amvlm_monai.data.errors import DataError
+from amvlm_monai.utils.args import parse_key_values
+from amvlm_monai.utils.errors import (
+    DataError,
+    bundle_guard,
+    check_writable,
+    cli_errors,
+    dropped_overrides,
+    error_lines,
+    root_cause,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,5 +97,5 @@ def test_error_raised_in_a_dataloader_worker_shows_its_original_message():
             "ValueError: /data/b.png: empty file (0 bytes); nothing to read.\n\n"
             "The above exception was the direct cause of the following exception:\n\n"
             "Traceback (most recent call last):\n  File \"y.py\", line 2, in g\n"
-            "RuntimeError: applying transform <amvlm_monai.transforms.clinical.Load2Dd object at 0x7f>\n")
+            "RuntimeError: applying transform <amvlm_monai.io.clinical.Load2Dd object at 0x7f>\n")
     assert error_lines(RuntimeError(text)) == ["error: /data/b.png: empty file (0 bytes); nothing to read."]

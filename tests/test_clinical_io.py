@@ -14,8 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from amvlm_monai.transforms import clinical
-from amvlm_monai.transforms.clinical import (
+from amvlm_monai.io.clinical import (
     IntensityByModality,
     clinical_load_chain,
     detect_format,
@@ -23,6 +22,7 @@ from amvlm_monai.transforms.clinical import (
     reader_for,
     resolve_modality,
 )
+from amvlm_monai.io import clinical
 
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 CT_SMALL = get_testdata_file("CT_small.dcm")

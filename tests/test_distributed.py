@@ -58,7 +58,7 @@ def test_validation_dice_is_reduced_across_ranks(tmp_path):
 
 
 def test_single_process_helpers_are_identities():
-    from amvlm_monai import distributed as d
+    from amvlm_monai.utils import distributed as d
 
     x = torch.randn(3, 2, requires_grad=True)
     y, offset = d.gather_with_grad(x)
@@ -70,7 +70,7 @@ def test_single_process_helpers_are_identities():
 
 
 def test_sync_batchnorm_module_matches_batchnorm_without_a_group():
-    from amvlm_monai.distributed import SyncBatchNorm
+    from amvlm_monai.utils.distributed import SyncBatchNorm
 
     torch.manual_seed(0)
     ref, syn = torch.nn.BatchNorm1d(4), SyncBatchNorm(4)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_bundle import QATA, SCHEMA, TINY_OVERRIDES, _run
 
 NETWORK = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "size": TINY_OVERRIDES["unet_size"]}
@@ -59,13 +58,11 @@ def clean_python(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from ignite.engine import Engine
-    from monai.bundle import ConfigParser
     from monai.handlers import MetricsSaver
 
-    from amvlm_monai.export import export_bundle
-
-    from amvlm_monai.model_info import make_model_info, write_model_info
+    from amvlm_monai.io.model_info import make_model_info, write_model_info
     from amvlm_monai.networks.segmentation import build_segmentation_net
+    from amvlm_monai.workflows.export import export_bundle
 
     work = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -163,7 +160,7 @@ def test_exported_bundle_runs_without_the_package(exported, demo_data, tmp_path)
 
 
 def test_export_refuses_weights_of_other_settings_and_missing_evaluation(exported, tmp_path):
-    from amvlm_monai.export import export_bundle
+    from amvlm_monai.workflows.export import export_bundle
 
     models = exported["work"] / "run" / "models"
     with pytest.raises(ValueError, match="do not fit.*--set"):
@@ -177,8 +174,8 @@ def test_export_refuses_weights_of_other_settings_and_missing_evaluation(exporte
 def test_monai_network_def_records_the_constructor_call():
     from monai.networks.nets import BasicUNet
 
-    from amvlm_monai.export import monai_network_def
     from amvlm_monai.networks.segmentation import build_segmentation_net
+    from amvlm_monai.workflows.export import monai_network_def
 
     spec = monai_network_def(lambda: build_segmentation_net(channels=(4, 8, 16), strides=(2, 2), norm="instance"))
     assert spec["_target_"] == "UNet" and spec["channels"] == [4, 8, 16] and spec["norm"] == "instance"
@@ -188,8 +185,8 @@ def test_monai_network_def_records_the_constructor_call():
 
 
 def test_read_eval_metrics_falls_back_to_the_per_image_scores(tmp_path):
-    from amvlm_monai.export import read_eval_metrics
-    from amvlm_monai.metrics import write_scores_csv
+    from amvlm_monai.evaluation.metrics import write_scores_csv
+    from amvlm_monai.workflows.export import read_eval_metrics
 
     write_scores_csv(tmp_path / "scores_test.csv", ["a", "b", "c"], torch.tensor([[1.0], [0.5], [0.0]]),
                      torch.tensor([[1.0], [0.25], [0.5]]))
@@ -202,7 +199,7 @@ def test_read_eval_metrics_falls_back_to_the_per_image_scores(tmp_path):
 
 def test_settings_read_from_beside_the_weights_are_written_into_the_export(tmp_path):
     """Configs that read the model's settings from a JSON beside model.pt get them as values in the export."""
-    from amvlm_monai.export import _freeze
+    from amvlm_monai.workflows.export import _freeze
 
     (tmp_path / "model_info.json").write_text(json.dumps({"image_size": 48, "unet_size": None}))
     config = {"imports": ["$import json"], "bundle_root": ".", "output_dir": "$@bundle_root + '/models'",

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from amvlm_monai.cli import root_cause
-from amvlm_monai.model_info import make_model_info, write_model_info
+from amvlm_monai.io.model_info import make_model_info, write_model_info
 from amvlm_monai.networks.segmentation import build_segmentation_net
 from amvlm_monai.transforms.pipelines import inference_transforms
+from amvlm_monai.utils.errors import root_cause
 
 ROOT = Path(__file__).resolve().parents[1]
 QATA = ROOT / "bundles" / "qata_covid19_cxr_segmentation"

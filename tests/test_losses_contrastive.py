@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amvlm_monai.losses import ImageTextContrastiveLoss, LocalGlobalLoss, NonFiniteLossError, PooledPatchTextLoss, info_nce
+from amvlm_monai.losses import (
+    ImageTextContrastiveLoss,
+    LocalGlobalLoss,
+    NonFiniteLossError,
+    PooledPatchTextLoss,
+    info_nce,
+)
 from amvlm_monai.losses.contrastive import variance_weights
 
 TAU = 0.07

@@ -9,8 +9,8 @@ from conftest import REPORTS
 from ignite.engine import Events
 
 from amvlm_monai.engines.ema import make_teacher, recompute_bn_statistics
+from amvlm_monai.engines.guidance import build_text_guidance
 from amvlm_monai.engines.mean_teacher import MeanTeacherTrainer
-from amvlm_monai.networks.guidance import build_text_guidance
 from amvlm_monai.engines.step import trainable_parameters
 from amvlm_monai.losses.semi import ConsistencyLoss, build_supervised_loss
 from amvlm_monai.networks.segmentation import build_segmentation_net

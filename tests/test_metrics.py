@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from amvlm_monai.metrics import (
+from amvlm_monai.evaluation.metrics import (
     binarize,
     main,
     paired_ttest,
@@ -177,7 +177,7 @@ def test_cli_compare(tmp_path, capsys):
     assert out["metric"] == "iou" and out["n"] == 3
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-m", "amvlm_monai.metrics", "compare", str(pa), str(pb)],
+        [sys.executable, "-m", "amvlm_monai.evaluation.metrics", "compare", str(pa), str(pb)],
         capture_output=True, text=True, cwd=root, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -59,7 +59,7 @@ def test_training_saves_what_inference_needs(trained):
     assert info["image_size"] == [32, 32] and info["multiclass"] is True and len(info["class_names"]) == 19
     assert info["slicing"] == {"axis": 0, "axcodes": "RAS"}  # data_prep.mrspineseg's sagittal RAS slices
     assert info["intensity"] == "slice_minmax" and info["modality"] == "MR"
-    from amvlm_monai.model_info import build_network
+    from amvlm_monai.networks.segmentation import build_network
 
     build_network(info).load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
 
@@ -88,7 +88,7 @@ def test_inferring_and_evaluating_need_only_model_and_input(trained, tmp_path):
     with pytest.raises(Exception) as err:  # without the info and without flags: a message naming the file
         run_bundle(bundle, "inferring", ["inference.json"], input_dir=str(images),
                    output_masks_dir=str(tmp_path / "c"), output_dir=str(models))
-    from amvlm_monai.cli import root_cause
+    from amvlm_monai.utils.errors import root_cause
 
     assert str(models / "model_info.json") in str(root_cause(err.value))
     run_bundle(bundle, "evaluating", ["train.json", "evaluate.json"], dataset_dir=str(data), num_workers=0)
@@ -123,11 +123,12 @@ def test_volume_inference_needs_only_model_and_input(trained, tmp_path):
 
 
 def test_save_model_info_checks_at_start_and_writes_after_the_first_step(tmp_path):
+    from amvlm_monai.handlers.checkpoint import SaveModelInfo
     from ignite.engine import Engine
 
-    from amvlm_monai.data.errors import DataError
-    from amvlm_monai.model_info import SaveModelInfo, read_model_info
+    from amvlm_monai.io.model_info import read_model_info
     from amvlm_monai.networks.segmentation import build_segmentation_net
+    from amvlm_monai.utils.errors import DataError
 
     args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "size": None}
     seen = []

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from amvlm_monai.handlers.metrics import SegmentationMetric
+from amvlm_monai.handlers.selection import SelectBestModel
 from ignite.engine import Engine
-
-from amvlm_monai.handlers import SegmentationMetric, SelectBestModel
 
 
 def _metric(name, pred_logits, label, multiclass=False):
@@ -90,7 +90,7 @@ def test_the_better_network_is_kept_and_named(tmp_path, caplog):
     prepared = []
     engine.prepare_teacher = lambda: prepared.append(engine.state.epoch)
     saved = []
-    with caplog.at_level(logging.INFO, logger="amvlm_monai.handlers"):
+    with caplog.at_level(logging.INFO, logger="amvlm_monai.handlers.tracking"):
         for epoch in (1, 2, 3):
             engine.state.epoch = epoch
             select(engine)

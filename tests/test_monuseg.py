@@ -7,7 +7,7 @@ from PIL import Image
 
 from amvlm_monai.data.datalist import load_datalist
 from amvlm_monai.data.describe_nuclei import describe_nuclei, nuclei_stats
-from amvlm_monai.data.errors import DataError
+from amvlm_monai.utils.errors import DataError
 from data_prep.monuseg import convert_monuseg, fill_polygon, main, rasterize
 
 TRAIN = "MoNuSeg 2018 Training Data"

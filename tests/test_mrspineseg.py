@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from amvlm_monai.data.datalist import load_datalist
-from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.spine import DISCS, SPINE_CLASSES, SPINE_PROMPTS, VERTEBRAE, describe_spine
+from amvlm_monai.utils.errors import DataError
 from data_prep.mrspineseg import convert_mrspineseg, main
 
 SHAPE = (6, 8, 4)  # stored axes: inferior, posterior, right (a sagittal stack along the last axis)

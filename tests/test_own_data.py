@@ -113,7 +113,7 @@ def test_training_on_a_plain_datalist_says_what_to_do(tmp_path):
 
     from monai.bundle import run
 
-    from amvlm_monai.cli import root_cause
+    from amvlm_monai.utils.errors import root_cause
 
     src, _ = make_folder(tmp_path / "src")
     path = prepare(tmp_path / "data", src=src, fractions=(0.5,), few_shot=())

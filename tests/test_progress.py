@@ -4,12 +4,12 @@ import logging
 
 import pytest
 
-from amvlm_monai import progress as prog
+from amvlm_monai.utils import progress as prog
 
 
 def _lines(caplog):
     """This module's lines only (other loggers, e.g. ignite's, may propagate INFO records too)."""
-    return [r.getMessage() for r in caplog.records if r.name == "amvlm_monai.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "amvlm_monai.utils.progress"]
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_progress_log_lines_with_eta(clock, caplog):
             clock["t"] += 10.0  # 10 s per item
             yield i
 
-    caplog.set_level(logging.INFO, logger="amvlm_monai.progress")
+    caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
     out = list(prog.progress(slow(6), "converting", total=6, every_s=25.0, mode="log"))
     assert out == list(range(6))
     lines = _lines(caplog)
@@ -54,7 +54,7 @@ def test_progress_log_lines_with_eta(clock, caplog):
 
 
 def test_progress_off_and_unknown_total(caplog):
-    caplog.set_level(logging.INFO, logger="amvlm_monai.progress")
+    caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
     assert list(prog.progress(iter(range(3)), "x", mode="off")) == [0, 1, 2]
     assert not _lines(caplog)
     list(prog.progress(iter(range(3)), "x", mode="log"))
@@ -77,7 +77,7 @@ def test_progress_handler_epochs_iterations_and_run_eta(clock, caplog):
     engine = Engine(step)
     handler = prog.ProgressHandler(every_s=3.0, mode="log", name="train")
     handler.attach(engine)
-    caplog.set_level(logging.INFO, logger="amvlm_monai.progress")
+    caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
     engine.run(list(range(4)), max_epochs=3)
     lines = _lines(caplog)
     # iteration 2 of epoch 1 is 4 s after the epoch started: 2 of 12 iterations in 4 s, 10 left -> 20 s
@@ -97,6 +97,6 @@ def test_progress_handler_evaluator_has_no_run_eta(clock, caplog):
 
     engine = Engine(step)
     prog.ProgressHandler(every_s=100.0, mode="log", name="evaluate").attach(engine)
-    caplog.set_level(logging.INFO, logger="amvlm_monai.progress")
+    caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
     engine.run(list(range(3)), max_epochs=1)
     assert _lines(caplog) == ["evaluate done in 0:00:03"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from amvlm_monai.metrics import write_scores_csv
-from amvlm_monai.protocol import summarise
+from amvlm_monai.evaluation.metrics import write_scores_csv
+from amvlm_monai.workflows.protocol import summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_summary_means_spread_and_seed_averaged_paired_ttest(tmp_path):
 
 
 def test_unknown_method_and_missing_data_are_named(tmp_path):
-    from amvlm_monai.protocol import Protocol, main
+    from amvlm_monai.workflows.protocol import Protocol, main
 
     with pytest.raises(FileNotFoundError, match="converted data"):
         Protocol(ROOT / "bundles" / "qata_covid19_cxr_segmentation", tmp_path, tmp_path)
@@ -59,9 +59,9 @@ def test_unknown_method_and_missing_data_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_quick_runs_every_step_and_prints_the_table(tmp_path):
-    """`make demo` runs `python -m amvlm_monai.demo`; its quick mode goes through every step of the real one."""
+    """`make demo` runs `python -m amvlm_monai.workflows.demo`; its quick mode goes through every step of the real one."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-m", "amvlm_monai.demo", "--quick", "--work", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "amvlm_monai.workflows.demo", "--quick", "--work", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

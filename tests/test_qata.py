@@ -8,7 +8,7 @@ from PIL import Image
 
 from amvlm_monai.data.datalist import load_datalist
 from amvlm_monai.data.describe import describe_mask
-from amvlm_monai.data.errors import DataError
+from amvlm_monai.utils.errors import DataError
 from data_prep.qata import convert_qata, main
 
 LVIT = {"Train": ["covid_1", "covid_2", "covid_3", "covid_4"], "Val": ["covid_5", "covid_6"], "Test": ["covid_7"]}

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import REPORTS, TINY
+from conftest import REPORTS
 
-from amvlm_monai.engines.step import OptimStep, amp_dtype, cpu_bf16_supported
+from amvlm_monai.engines.step import OptimStep
 from amvlm_monai.losses.amvlm import AMVLMLoss
+from amvlm_monai.utils.precision import amp_dtype, cpu_bf16_supported
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -94,7 +95,7 @@ def test_load_parts_reads_only_what_stage2_uses(tiny_amvlm, tmp_path):
 
 
 def test_guidance_with_known_reports_keeps_no_text_tower(tiny_amvlm, tmp_path):
-    from amvlm_monai.networks.guidance import build_text_guidance
+    from amvlm_monai.engines.guidance import build_text_guidance
 
     path = tmp_path / "amvlm.pt"
     torch.save({"model": tiny_amvlm.state_dict(), "config": tiny_amvlm.config}, path)
@@ -116,7 +117,7 @@ def test_frozen_tower_in_bfloat16_agrees_with_float32(tiny_amvlm):
     """The frozen image tower with bfloat16 weights under autocast: patch embeddings within cosine 0.99 of float32."""
     import copy
 
-    from amvlm_monai.networks.guidance import PatchEncoder
+    from amvlm_monai.engines.guidance import PatchEncoder
 
     x = torch.randn(2, 1, 32, 32)
     ref = PatchEncoder(tiny_amvlm.eval())(x)

@@ -4,7 +4,6 @@ import os
 import pytest
 
 from amvlm_monai.data.datalist import load_datalist, read_datalist, write_datalist
-from amvlm_monai.data.errors import DataError
 from amvlm_monai.data.splits import (
     few_shot_subset,
     labeled_items,
@@ -14,6 +13,7 @@ from amvlm_monai.data.splits import (
     unlabeled_items,
     write_splits,
 )
+from amvlm_monai.utils.errors import DataError
 
 
 def make_items(n, groups=None):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import REPORTS
 
-from amvlm_monai.uncertainty import format_report, main, similarity_report
+from amvlm_monai.evaluation.uncertainty import format_report, main, similarity_report
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def _images(demo_data, n):
 
 
 def test_similarities_match_the_embeddings(tiny_amvlm, demo_data):
-    from amvlm_monai.uncertainty import embed_images
+    from amvlm_monai.evaluation.uncertainty import embed_images
 
     images = _images(demo_data, 3)
     rep = similarity_report(tiny_amvlm, images, REPORTS[:2])

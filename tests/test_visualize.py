@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from amvlm_monai import visualize as vis
+from amvlm_monai.evaluation import figures as vis
 
 
 def test_to_display_scales_and_repeats_grey():
@@ -50,9 +50,10 @@ def test_segmentation_panel_has_one_picture_per_given_input():
 
 
 def test_alignment_maps_match_an_independent_computation(tiny_amvlm, demo_data):
-    from amvlm_monai.transforms.pipelines import inference_transforms
-    from amvlm_monai.uncertainty import alignment_maps
     from conftest import REPORTS
+
+    from amvlm_monai.evaluation.alignment import alignment_maps
+    from amvlm_monai.transforms.pipelines import inference_transforms
 
     image = str(sorted((demo_data.parent / "raw" / "Test_Folder" / "img").glob("*.png"))[0])
     model = tiny_amvlm.eval()
@@ -103,7 +104,7 @@ def _batch(ids, cases=None, fg=None):
 
 
 def test_panel_sampler_images_are_a_seeded_reproducible_sample():
-    from amvlm_monai.handlers import PanelSampler
+    from amvlm_monai.handlers.panels import PanelSampler
 
     batches = [_batch([f"{b}_{i}" for i in range(4)]) for b in range(5)]  # 20 images
     picks = []
@@ -123,7 +124,7 @@ def test_panel_sampler_images_are_a_seeded_reproducible_sample():
 
 
 def test_panel_sampler_volumes_keep_labelled_slices_per_case():
-    from amvlm_monai.handlers import PanelSampler
+    from amvlm_monai.handlers.panels import PanelSampler
 
     ids = [f"c{c}_s{i}" for c in range(4) for i in range(5)]
     cases = [f"c{c}" for c in range(4) for _ in range(5)]
@@ -138,7 +139,7 @@ def test_panel_sampler_volumes_keep_labelled_slices_per_case():
 
 
 def test_render_panels_titles_with_the_image_dice():
-    from amvlm_monai.handlers import render_panels
+    from amvlm_monai.handlers.panels import render_panels
 
     label = torch.zeros(1, 8, 8)
     label[0, :4] = 1
@@ -152,10 +153,9 @@ def test_render_panels_titles_with_the_image_dice():
 
 
 def test_segmentation_metric_leaves_per_image_details_for_metrics_saver(tmp_path):
+    from amvlm_monai.handlers.metrics import SegmentationMetric
     from ignite.engine import Engine
     from monai.handlers import MetricsSaver
-
-    from amvlm_monai.handlers import SegmentationMetric
 
     label = torch.zeros(2, 1, 4, 4)
     label[0, 0, 0] = 1
@@ -181,7 +181,7 @@ def test_segmentation_metric_leaves_per_image_details_for_metrics_saver(tmp_path
 def test_mlflow_tracking_without_mlflow_says_what_to_install(monkeypatch):
     import importlib.util
 
-    from amvlm_monai import handlers
+    from amvlm_monai.handlers import tracking as handlers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -193,12 +193,12 @@ def test_mlflow_tracking_without_mlflow_says_what_to_install(monkeypatch):
 
 def test_tensorboard_handler_logs_terms_lr_and_the_validators_metrics_and_panels(tmp_path):
     """With no evaluator given, the validator of the trainer's ValidationHandler is found and logged."""
+    from amvlm_monai.handlers.metrics import SegmentationMetric
+    from amvlm_monai.handlers.tracking import TensorBoardHandler
     from ignite.engine import Engine
     from monai.engines import SupervisedEvaluator
     from monai.handlers import ValidationHandler
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from amvlm_monai.handlers import SegmentationMetric, TensorBoardHandler
 
     torch.manual_seed(0)
     net = torch.nn.Conv2d(1, 1, 3, padding=1)

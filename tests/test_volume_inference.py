@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from amvlm_monai.inference.volume import ResizedSliceNet, VolumeSegmenter, main, output_path, segment_volume
-from amvlm_monai.transforms import clinical
+from amvlm_monai.io import clinical
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:nvImageCodec:UserWarning")
 

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DataError, raise_if_problems
+from amvlm_monai.utils.errors import DataError, raise_if_problems
 
 __all__ = ["PATH_KEYS", "SECTIONS", "REQUIRED_KEYS", "ROOTS_KEY", "read_datalist", "load_datalist", "write_datalist"]
 

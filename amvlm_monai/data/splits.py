@@ -26,8 +26,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from amvlm_monai.utils.errors import DataError
+
 from .datalist import ROOTS_KEY, read_datalist, write_datalist
-from .errors import DataError
 
 __all__ = [
     "partition",
@@ -179,7 +180,7 @@ def unlabeled_items(items: Sequence[dict], source: str | os.PathLike | None = No
 
 def hidden_label_items(items: Sequence[dict]) -> list[dict]:
     """The unlabelled items with their hidden mask back under ``label`` (copies), for diagnostics only: how good the
-    pseudo labels are (:class:`~amvlm_monai.handlers.PseudoLabelQuality`). Never train on these."""
+    pseudo labels are (:class:`~amvlm_monai.handlers.metrics.PseudoLabelQuality`). Never train on these."""
     out = []
     for it in unlabeled_items(items):
         if "label_hidden" in it:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from amvlm_monai.networks.momentum import momentum_update
+from amvlm_monai.utils.distributed import unwrap
 
 __all__ = ["EMATeacher", "make_teacher", "ema_update", "ema_alpha", "own_batch_statistics", "recompute_bn_statistics",
            "TEACHER_BN"]
@@ -81,8 +82,6 @@ def ema_alpha(step: int, max_alpha: float = 0.99) -> float:
     return min(1.0 - 1.0 / (int(step) + 1), float(max_alpha))
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, EMATeacher) else module
 
 
 @torch.no_grad()
@@ -120,7 +119,7 @@ def ema_update(
         if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
         a = float(alpha)
-    momentum_update(_unwrap(teacher), _unwrap(student), a, buffers=buffers)  # the one EMA step
+    momentum_update(unwrap(teacher), unwrap(student), a, buffers=buffers)  # the one EMA step
     return a
 
 
@@ -132,7 +131,7 @@ def own_batch_statistics(teacher: nn.Module) -> Iterator[nn.Module]:
     activations (``teacher_bn="batch"``); the teacher is back in eval mode afterwards. Dropout would be active too:
     the stage-2 networks have none by default.
     """
-    inner = _unwrap(teacher)
+    inner = unwrap(teacher)
     inner.train(True)
     try:
         with torch.no_grad():
@@ -155,7 +154,7 @@ def recompute_bn_statistics(network: nn.Module, images: Iterable[torch.Tensor], 
 
     from torch.optim.swa_utils import update_bn
 
-    inner = _unwrap(network)
+    inner = unwrap(network)
     it = iter(images)
     first = next(it, None)
     if first is None:

@@ -13,16 +13,17 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from ignite.engine import Events
 from torch import nn
 
 from amvlm_monai.engines.ema import TEACHER_BN, ema_update, own_batch_statistics, recompute_bn_statistics
+from amvlm_monai.engines.guidance import TextGuidance
 from amvlm_monai.engines.pretrainer import batch_names
-from amvlm_monai.engines.step import OptimStep, autocast, check_finite, scalars
+from amvlm_monai.engines.step import OptimStep, check_finite, scalars
 from amvlm_monai.losses.semi import consistency_weight
-from amvlm_monai.networks.guidance import TextGuidance
+from amvlm_monai.utils.precision import autocast
 
 __all__ = ["MeanTeacherTrainer"]
 
@@ -48,7 +49,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
     Labelled and unlabelled batches come from two independent loaders. An epoch lasts
     ``max(len(labelled), len(unlabelled))`` steps (unless ``epoch_length`` is given); both iterators restart at
     every epoch, so every unlabelled image is used once per epoch, and the labelled loader cycles within it (an
-    epoch boundary is then a complete resume point, see :class:`~amvlm_monai.checkpoint.TrainingState`).
+    epoch boundary is then a complete resume point, see :class:`~amvlm_monai.engines.state.TrainingState`).
     After each step the teacher is an EMA of the student's parameters (alpha_t = min(1 - 1/(t+1), 0.99)); its BatchNorm
     statistics follow ``teacher_bn`` (see :mod:`amvlm_monai.engines.ema`).
     ``engine.state.output`` holds ``loss``, ``sup`` and, when active, ``consistency``, ``consistency_weight``, ``tg`` and

@@ -10,8 +10,9 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from amvlm_monai.distributed import global_mean, is_distributed, sync_batchnorm
-from amvlm_monai.engines.step import OptimStep, autocast, check_finite, scalars
+from amvlm_monai.engines.step import OptimStep, check_finite, scalars
+from amvlm_monai.utils.distributed import global_mean, is_distributed, sync_batchnorm
+from amvlm_monai.utils.precision import autocast
 
 __all__ = ["AMVLMPretrainer", "AMVLMObjective", "batch_names"]
 
@@ -52,7 +53,7 @@ class AMVLMPretrainer(SupervisedTrainer):
 
     Under ``torchrun`` (an initialised process group of several processes) the trainer wraps the model and loss in
     DistributedDataParallel itself, with the heads' BatchNorm synchronised over ranks
-    (:func:`~amvlm_monai.distributed.sync_batchnorm`); the contrastive terms take their negatives from the global
+    (:func:`~amvlm_monai.utils.distributed.sync_batchnorm`); the contrastive terms take their negatives from the global
     batch, and the logged terms are averaged over ranks. Give each rank its shard of the data
     (:func:`~amvlm_monai.data.datasets.rank_shard`, equal batch sizes: ``drop_last=True``).
 
@@ -61,7 +62,7 @@ class AMVLMPretrainer(SupervisedTrainer):
         network: an :class:`~amvlm_monai.networks.amvlm.AMVLM` (not wrapped in DDP).
         optimizer: optimiser over the trainable parameters.
         loss_function: an :class:`~amvlm_monai.losses.amvlm.AMVLMLoss`.
-        amp: mixed precision (see :func:`~amvlm_monai.engines.step.amp_dtype`: True = bfloat16 where the device
+        amp: mixed precision (see :func:`~amvlm_monai.utils.precision.amp_dtype`: True = bfloat16 where the device
             computes it natively, float16 with a grad scaler on other GPUs, else float32).
         grad_clip: gradient-norm clipping (None or 0 disables it).
         kwargs: passed to ``SupervisedTrainer``.

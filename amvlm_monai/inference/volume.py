@@ -1,6 +1,6 @@
 """Segment a NIfTI volume, a DICOM series, a DICOM file or a 2D image with the 2D network, slice by slice.
 
-The input is loaded natively (:mod:`amvlm_monai.transforms.clinical`: any orientation, intensity by modality to
+The input is loaded natively (:mod:`amvlm_monai.io.clinical`: any orientation, intensity by modality to
 [0, 1]), normalised to [-1, 1] as in training, and the 2D network runs on every slice along ``axis`` through MONAI's
 ``SliceInferer``. Resizing lives in the network: :class:`ResizedSliceNet` resizes each slice batch to ``image_size``
 (bilinear, as the training chain's ``Resized``), runs the network, and resizes the logits back to the slice's size
@@ -24,7 +24,7 @@ Refused with a message naming the file: a 4D NIfTI (several volumes), NaN or inf
 ``.dcm`` file that is not DICOM, a folder of several series (unless ``series_uid``).
 
 CLI: the model and the input are all it needs; the settings the model was trained with are read from
-``model_info.json`` beside it (`amvlm_monai.model_info`, written by every training run), and flags override them::
+``model_info.json`` beside it (`amvlm_monai.io.model_info`, written by every training run), and flags override them::
 
     python -m amvlm_monai.inference.volume --model models/model.pt --input case1.nii.gz dicom_folder/ --output preds/
     python -m amvlm_monai.inference.volume --bundle bundles/mrspineseg_spine_mr_segmentation --input case1.nii.gz \\
@@ -49,14 +49,14 @@ from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd, NormalizeIntensityd, Orientationd
 from torch import nn
 
-from amvlm_monai.transforms.clinical import (
+from amvlm_monai.io.clinical import (
     NIFTI_SUFFIXES,
     IntensityByModalityd,
     check_finite_image,
     clinical_load_chain,
     detect_format,
 )
-from amvlm_monai.progress import progress
+from amvlm_monai.utils.progress import progress
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
 
@@ -131,7 +131,7 @@ class VolumeSegmenter:
         axis: the spatial axis the slices are taken along (0, 1 or 2 of the (possibly reoriented) volume), e.g. the
             left-right axis for sagittal spine slices. Ignored for 2D inputs.
         modality: ``"auto"`` or a DICOM modality code (see
-            :class:`~amvlm_monai.transforms.clinical.IntensityByModality`).
+            :class:`~amvlm_monai.io.clinical.IntensityByModality`).
         multiclass: argmax over K >= 2 channels (class indices) instead of sigmoid > ``threshold`` on K = 1.
         threshold: binary threshold on the sigmoid probability.
         device: where the network runs; the volume is stitched on the CPU.
@@ -334,7 +334,8 @@ def _model_path(args, parser) -> Path:
 
 def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmenter:
     """The `VolumeSegmenter` a command line asks for: model info beside the model, then the flags over it."""
-    from amvlm_monai.model_info import build_network, load_state, read_model_info
+    from amvlm_monai.io.model_info import load_state, read_model_info
+    from amvlm_monai.networks.segmentation import build_network
 
     model = _model_path(args, parser)
     info = read_model_info(model, required=False)
@@ -371,7 +372,7 @@ def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmente
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """CLI entry point; returns the written paths. Bad input: ``error: <file>: <what>`` lines, exit status 2."""
-    from amvlm_monai.cli import check_writable, cli_errors
+    from amvlm_monai.utils.errors import check_writable, cli_errors
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -388,5 +389,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The ``amvlm-volume`` console entry point: :func:`main` with exit status 0 on success."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -11,7 +11,7 @@ result is NaN or Inf (:func:`~amvlm_monai.losses.checks.check_finite`).
 
 Logits follow open_clip's recipe "build logits, build labels, cross-entropy". The global negatives come from
 ``_gather``: under ``torchrun`` it all-gathers the other side's embeddings of every rank with gradient and offsets the
-labels by ``rank * B`` (:func:`~amvlm_monai.distributed.gather_with_grad`); in a single process it is the identity
+labels by ``rank * B`` (:func:`~amvlm_monai.utils.distributed.gather_with_grad`); in a single process it is the identity
 with offset 0. Token averages are divided by the per-rank mean token count, so that the mean of the ranks' losses
 (what DDP's gradient averaging optimises) is the loss of one process on the whole global batch.
 """
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from amvlm_monai.distributed import gather_with_grad, mean_count
 from amvlm_monai.losses.checks import (
     REDUCTIONS,
     NonFiniteLossError,
@@ -36,6 +35,7 @@ from amvlm_monai.losses.checks import (
     float32_inputs,
     reduce,
 )
+from amvlm_monai.utils.distributed import gather_with_grad, mean_count
 
 __all__ = [
     "NonFiniteLossError",

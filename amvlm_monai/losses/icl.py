@@ -12,7 +12,6 @@ from typing import Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from amvlm_monai.distributed import gather, mean_count, rank
 from amvlm_monai.losses.checks import (
     check_finite,
     check_mask,
@@ -22,6 +21,7 @@ from amvlm_monai.losses.checks import (
     masked_log_softmax,
 )
 from amvlm_monai.losses.contrastive import info_nce
+from amvlm_monai.utils.distributed import gather, mean_count, rank
 
 __all__ = ["ICLLoss"]
 

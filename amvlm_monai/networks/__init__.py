@@ -24,9 +24,6 @@ _EXPORTS = {
     "momentum_copy": "momentum",
     "momentum_update": "momentum",
     "TextMaskGenerator": "mask_generator",
-    "PatchEncoder": "guidance",
-    "TextGuidance": "guidance",
-    "build_text_guidance": "guidance",
 }
 
 __all__ = sorted(_EXPORTS)

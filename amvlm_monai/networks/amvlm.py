@@ -3,7 +3,7 @@
 Checkpoint layout (what ``pretraining`` saves and stage 2 loads, see :func:`load_amvlm`): a dict with
 ``"model"`` (this module's ``state_dict``), ``"config"`` (the constructor arguments as plain values, so that the
 model is rebuilt without the pretraining config) and ``"epoch"``. It is read with ``weights_only=True``
-(:func:`~amvlm_monai.checkpoint.load_checkpoint`). Sub-module names inside ``"model"``:
+(:func:`~amvlm_monai.io.checkpoint.load_checkpoint`). Sub-module names inside ``"model"``:
 ``image_encoder``, ``text_encoder``, ``image_global``, ``image_local``, ``text_global``, ``text_local``,
 ``pdt_image``, ``pdt_text``, ``pdt_attended``, ``attend_words`` (patches attend over words),
 ``attend_patches`` (words attend over patches), and the ``momentum_*`` copies.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amvlm_monai.checkpoint import CheckpointError, load_checkpoint
+from amvlm_monai.io.checkpoint import CheckpointError, load_checkpoint
 from amvlm_monai.networks.cross_attention import CrossAttention
 from amvlm_monai.networks.heads import GlobalHead, LocalHead
 from amvlm_monai.networks.momentum import momentum_copy, momentum_update

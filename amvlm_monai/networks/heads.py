@@ -5,7 +5,7 @@ linear map (CLIP's projection), with no batch dependence. The BatchNorm of ``"ml
 is what lets a tower trained from scratch start: its embeddings of similar images are nearly equal at first and the
 batch standardisation spreads them (with linear heads the demo's image embeddings collapsed; ``docs/method.md``).
 Its running statistics must then fit the final weights: the stage-1 validation re-estimates them
-(:func:`~amvlm_monai.alignment.refresh_bn_statistics`).
+(:func:`~amvlm_monai.evaluation.alignment.refresh_bn_statistics`).
 """
 
 from __future__ import annotations

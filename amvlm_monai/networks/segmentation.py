@@ -16,7 +16,8 @@ Two presets (``size``), both TorchScript-able, so they work with ``monai.bundle 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from monai.networks.layers import Conv
@@ -177,3 +178,13 @@ def build_segmentation_net(
         norm=_NORMS[norm],
         dropout=float(dropout),
     )
+
+
+def build_network(info: Mapping[str, Any], **overrides: Any) -> torch.nn.Module:
+    """The (untrained) network a model info describes: ``build_segmentation_net(**info["network"], **overrides)``."""
+    return build_segmentation_net(**{**info["network"], **overrides})
+
+
+def state_shapes(net: torch.nn.Module) -> dict[str, tuple]:
+    """The shape of every entry of ``net.state_dict()``."""
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}

@@ -28,7 +28,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from amvlm_monai.transforms.clinical import CheckFinited, Load2Dd
+from amvlm_monai.io.clinical import CheckFinited, Load2Dd
 from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, LabelIndexd, TextViewd, ToColord, ToGrayscaled
 
 __all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms",
@@ -153,7 +153,7 @@ def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: boo
     """
     from monai.transforms import Activationsd, AsDiscreted, Invertd, SaveImaged
 
-    from amvlm_monai.inference.files import SaveNiftid
+    from amvlm_monai.io.clinical import SaveNiftid
 
     chain = [
         Activationsd(keys="pred", softmax=multiclass, sigmoid=not multiclass),

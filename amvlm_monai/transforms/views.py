@@ -8,7 +8,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.transforms import MapTransform, RandomizableTransform
 
 __all__ = ["TextView", "TextViewd", "CheckTextd", "ToGrayscaled", "ToColord", "BinarizeLabeld", "LabelIndexd"]
 

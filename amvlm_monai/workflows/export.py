@@ -1,6 +1,6 @@
 """Export a bundle that runs without this repository, as the MONAI model zoo ships bundles.
 
-    python -m amvlm_monai.export --bundle qata_covid19_cxr_segmentation --model-dir runs/qata/models \\
+    python -m amvlm_monai.workflows.export --bundle qata_covid19_cxr_segmentation --model-dir runs/qata/models \\
         --eval-dir runs/qata/eval --out dist/ [--set image_size=64 --set unet_size='"light"'] [--weights-url URL]
 
 writes ``dist/<bundle>/`` and ``dist/<bundle>.zip`` holding:
@@ -37,22 +37,40 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from amvlm_monai.cli import parse_key_values
-
-__all__ = ["export_bundle", "read_eval_metrics", "required_packages", "vendor_package", "monai_network_def", "main"]
+from amvlm_monai.utils.args import parse_key_values
 
 logger = logging.getLogger(__name__)
-PACKAGE = Path(__file__).resolve().parent
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
 REPO_BUNDLES = PACKAGE.parent / "bundles"
+
+
 VENDOR = "scripts"
+
+
 ZOO_FILE_LIMIT = 25 * 1024 * 1024
+
+
 WEIGHTS_URL_PLACEHOLDER = "TO BE FILLED: the URL where models/model.pt is uploaded"
+
+
 # packages used through MONAI rather than imported by the code: image readers and TensorBoard
 RUNTIME_PACKAGES = ("pillow", "nibabel", "tensorboard")
+
+
 BASE_PACKAGES = {"torch", "numpy", "monai"}  # metadata has fields of their own for these
+
+
 _SYS_PATH = ("$sys.path.insert(1, os.path.abspath(@bundle_root)) if os.path.abspath(@bundle_root) not in sys.path "
              "else None")
+
+
 _IMPORT = re.compile(r"^(\s*)(from|import)(\s+)amvlm_monai\b", re.MULTILINE)
+
+
 _REFERENCE = re.compile(r"(?<![\w.])amvlm_monai\.")
 
 
@@ -443,7 +461,7 @@ def _standalone_note(weights_bytes: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.export", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.workflows.export", description=__doc__.splitlines()[0],
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="bundle name in bundles/ or a bundle folder")
     parser.add_argument("--model-dir", required=True, help="folder with the trained model.pt")

@@ -6,14 +6,14 @@ similarities inside each group. Paraphrases that score far apart show that the m
 one-to-many correspondences that AMVLM's CSS and ICL target.
 
 Usage:
-    python -m amvlm_monai.uncertainty --checkpoint models/amvlm_pretrained.pt \\
+    python -m amvlm_monai.evaluation.uncertainty --checkpoint models/amvlm_pretrained.pt \\
         --image img.png --reports "Two infected areas, upper left lung." "Upper left lung, two lesions."
-    python -m amvlm_monai.uncertainty --checkpoint models/amvlm_pretrained.pt \\
+    python -m amvlm_monai.evaluation.uncertainty --checkpoint models/amvlm_pretrained.pt \\
         --report "One infected area, lower right lung." --images a.png b.png c.png
 
 ``--heatmap out.png`` (with ``--image``) also writes the alignment view: for the image and every report, heat-maps
-of the patch-report similarity and of the PDT's predicted variance over the image (:func:`alignment_maps`,
-:func:`amvlm_monai.visualize.alignment_figure`).
+of the patch-report similarity and of the PDT's predicted variance over the image (:func:`~amvlm_monai.evaluation.alignment.alignment_maps`,
+:func:`amvlm_monai.evaluation.figures.alignment_figure`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import argparse
 from collections.abc import Sequence
 
 import torch
-
-__all__ = ["embed_images", "similarity_report", "format_report", "alignment_maps", "main"]
 
 
 @torch.no_grad()
@@ -78,45 +76,6 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def alignment_maps(model: torch.nn.Module, image: str, reports: Sequence[str]) -> dict:
-    """Where on one image each report matches, and how unsure the PDT is there, on the ViT's patch grid (h, w).
-
-    Args:
-        model: a pretrained :class:`~amvlm_monai.networks.amvlm.AMVLM`.
-        image: an image file (read through the inference transforms of the model's size and channels).
-        reports: K reports.
-
-    Returns:
-        dict with ``image`` (C, H, W) as the model saw it, ``reports``, ``similarity`` (K, h, w): cosine of every
-        patch embedding with each report's global embedding; ``variance_image`` (h, w): the PDT's sigma^2 of the
-        patch tokens, mean over D; ``variance_attended`` (K, h, w): the same for the report's words attended by each
-        patch (the distribution CSS compares with the patch's).
-    """
-    from amvlm_monai.networks.outputs import TokenOutput
-    from amvlm_monai.transforms.pipelines import inference_transforms
-
-    if not reports:
-        raise ValueError("no report given.")
-    model.eval()
-    chain = inference_transforms(model.config["image_size"], in_channels=model.config.get("in_channels", 1))
-    device = next(model.parameters()).device
-    x = torch.as_tensor(chain({"image": image})["image"]).float()[None].to(device)
-    grid = tuple(model.image_encoder.grid_size)
-    k = len(reports)
-    img = model.encode_image(x)
-    txt = model.encode_text(model.tokenize(list(reports), device))
-    sim = (img.tokens[0] @ txt.cls.T).T.reshape(k, *grid)
-    _, sigma = model.pdt_image(img.tokens, img.mask)
-    per_report = TokenOutput(cls=img.cls.expand(k, -1), tokens=img.tokens.expand(k, -1, -1),
-                             mask=img.mask.expand(k, -1), attn=None)
-    att_words, _ = model.cross_attend(per_report, txt)
-    _, sigma_att = model.pdt_attended(att_words, per_report.mask)
-    return {"image": x[0].cpu(), "reports": list(reports), "similarity": sim.cpu(),
-            "variance_image": sigma[0].pow(2).mean(-1).reshape(grid).cpu(),
-            "variance_attended": sigma_att.pow(2).mean(-1).reshape(k, *grid).cpu()}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (amvlm_pretrained.pt)")
@@ -134,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--images needs --report")
     if args.heatmap and not args.image:
         parser.error("--heatmap needs --image (one image, several --reports)")
-    from amvlm_monai.cli import cli_errors
     from amvlm_monai.networks.amvlm import load_amvlm
+    from amvlm_monai.utils.errors import cli_errors
 
     with cli_errors():  # a bad checkpoint or image: `error: <file>: <what is wrong>`, exit status 2
         model = load_amvlm(args.checkpoint, text_model=args.text_model)
@@ -143,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports = args.reports if args.image else [args.report]
         print(format_report(similarity_report(model, images, reports)))
         if args.heatmap:
-            from amvlm_monai.visualize import alignment_figure, save_png
+            from amvlm_monai.evaluation.alignment import alignment_maps
+            from amvlm_monai.evaluation.figures import alignment_figure, save_png
 
             maps = alignment_maps(model, args.image, reports)
             path = save_png(alignment_figure(maps["image"], maps["reports"], maps["similarity"],

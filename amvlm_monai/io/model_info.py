@@ -30,16 +30,20 @@ from typing import Any, Optional
 
 import torch
 
-from amvlm_monai.data.errors import DataError
-
-__all__ = ["INFO_NAME", "FORMAT", "INTENSITY_RULES", "info_path", "make_model_info", "write_model_info",
-           "read_model_info", "build_network", "load_state", "SaveModelInfo", "LoadModel"]
+from amvlm_monai.utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+
 INFO_NAME = "model_info.json"
+
+
 FORMAT = "amvlm-monai model info"
+
+
 INTENSITY_RULES = ("slice_minmax", "modality")
+
+
 _VERSION = 1
 
 
@@ -136,66 +140,6 @@ def read_model_info(model: str | os.PathLike, required: bool = True) -> Optional
     return info
 
 
-def build_network(info: Mapping[str, Any], **overrides: Any) -> torch.nn.Module:
-    """The (untrained) network a model info describes: ``build_segmentation_net(**info["network"], **overrides)``."""
-    from amvlm_monai.networks.segmentation import build_segmentation_net
-
-    return build_segmentation_net(**{**info["network"], **overrides})
-
-
-def _shapes(net: torch.nn.Module) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
-class SaveModelInfo:
-    """Write ``<save_dir>/model_info.json`` after the first training step, before any ``model.pt`` of the run.
-
-    When training starts, the folder is checked for writing (a read-only output folder stops the run before its
-    first step) and the record's ``network`` arguments are checked against the network being trained (same parameter
-    names and shapes; when they differ, ``network_def`` was changed on the command line beyond the listed keys, the
-    run stops with a message, since the file would describe another network). The file itself is written after the
-    first iteration, so a run that is refused at its start (e.g. not to replace an earlier run's outputs) leaves the
-    earlier run's file as it was.
-
-    Args:
-        save_dir: the folder ``model.pt`` is saved in (``ckpt_dir``).
-        network: the trained network (student or teacher: the same architecture).
-        network_args: the `build_segmentation_net` arguments of ``network_def``.
-        image_size, multiclass, class_names, threshold, slice_axis, axcodes, modality: see `make_model_info`.
-    """
-
-    def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, network_args: Mapping[str, Any],
-                 image_size: int | Sequence[int], multiclass: bool = False,
-                 class_names: Optional[Sequence[str]] = None, threshold: float = 0.5, slice_axis: int = 2,
-                 axcodes: Optional[str] = "RAS", modality: str = "auto") -> None:
-        self.path = Path(save_dir) / INFO_NAME
-        self.network = network
-        self.info = make_model_info(network_args, image_size, multiclass, class_names, threshold, slice_axis,
-                                    axcodes, modality, intensity="slice_minmax")
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self.check)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
-
-    def check(self, engine=None) -> None:
-        """The folder can be written and the record describes the network being trained."""
-        from amvlm_monai.cli import check_writable
-
-        check_writable(self.path.parent, "model folder (ckpt_dir)")
-        net = getattr(self.network, "module", self.network)
-        if _shapes(build_network(self.info)) != _shapes(net):
-            raise DataError(f"{self.path}: network_args {self.info['network']} do not describe the network being "
-                             "trained (network_def was changed beyond in_channels/out_channels/unet_size?); keep "
-                             "the model info true by changing those keys instead.")
-
-    def __call__(self, engine=None) -> Path:
-        write_model_info(self.path, self.info)
-        logger.info("model info: %s", self.path)
-        return self.path
-
-
 def _state_dict(obj: Any, path: Path) -> dict:
     """A plain state dict, or one wrapped under a single usual key (``state_dict``, ``model``, ``network``, ``net``)."""
     if isinstance(obj, dict):
@@ -213,36 +157,6 @@ def load_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file.")
-    from amvlm_monai.checkpoint import load_checkpoint
+    from amvlm_monai.io.checkpoint import load_checkpoint
 
     return _state_dict(load_checkpoint(path), path)  # weights_only; unsafe or damaged files: one error naming it
-
-
-class LoadModel:
-    """Load ``load_path`` into ``network`` when the engine starts, with one error naming the file when it cannot
-    be read (`load_state`) or does not fit the network (the settings it was trained with differ).
-
-    Args:
-        load_path: the model file (``model.pt``: a state dict, or one under ``model``).
-        network: the network to fill.
-    """
-
-    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module) -> None:
-        self.load_path = Path(load_path)
-        self.network = network
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine=None) -> None:
-        state = load_state(self.load_path)
-        net = getattr(self.network, "module", self.network)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            first = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
-            raise DataError(f"{self.load_path}: does not fit the network built from the settings given ({first}); "
-                            f"check {info_path(self.load_path)} or the --image_size/--unet_size/--in_channels/"
-                            "--out_channels flags.") from None

@@ -14,19 +14,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["error_lines", "cli_errors", "check_writable", "dropped_overrides", "bundle_guard", "root_cause",
-           "parse_key_values"]
-
 _DEBUG_ENV = "AMVLM_DEBUG"
+
+
 _FULL_ENV = "AMVLM_FULL_TRACEBACK"
 
 
@@ -100,24 +98,6 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
     return path
 
 
-def parse_key_values(pairs: Sequence[str], option: str = "--set") -> dict:
-    """``["key=json", ...]`` from a command line -> dict; a value that is not JSON is taken as a string.
-
-    Raises:
-        ValueError: naming ``option`` and the pair, when a pair is not KEY=VALUE.
-    """
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{option}: {pair!r} is not KEY=VALUE (VALUE in JSON or a bare string)")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def dropped_overrides(argv: Sequence[str]) -> list[str]:
     """The ``--key None`` (or ``--key=None``) overrides of a ``python -m monai.bundle`` command line: MONAI's
     command line drops every override whose value is None, so the config's value would be used without a word."""
@@ -175,7 +155,7 @@ def _excepthook(previous):
 def bundle_guard(writable: Sequence[str | os.PathLike] = (), argv: Sequence[str] | None = None) -> bool:
     """Checks and error reporting for a bundle run; the first item of each config's ``initialize`` list::
 
-        {"_target_": "amvlm_monai.cli.bundle_guard", "writable": ["@ckpt_dir"]}
+        {"_target_": "amvlm_monai.utils.errors.bundle_guard", "writable": ["@ckpt_dir"]}
 
     Args:
         writable: output folders the run will write to; each is created and checked (`check_writable`).
@@ -203,3 +183,37 @@ def bundle_guard(writable: Sequence[str | os.PathLike] = (), argv: Sequence[str]
         if folder not in (None, ""):
             check_writable(folder)
     return True
+
+
+class DataError(ValueError):
+    """A problem with input data: a missing or corrupt file, a bad spreadsheet, an empty split.
+
+    The message names the offending file(s). When a check finds several problems, all of them are collected and
+    raised at once: ``problems`` holds one line per problem (``[message]`` when raised with a single message).
+
+    Args:
+        message: a one-line summary (or the whole message when ``problems`` is empty).
+        problems: the individual problems; each is listed on its own line under the summary.
+
+    Example:
+        >>> raise DataError("2 problems in /data/QaTa", ["missing image: a.png", "corrupt PNG: b.png"])
+    """
+
+    def __init__(self, message: str, problems: Iterable[str] | None = None):
+        self.problems = list(problems) if problems else [message]
+        text = message
+        if problems:
+            text = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+def raise_if_problems(problems: list[str], what: str) -> None:
+    """Raise one `DataError` listing every entry of ``problems`` (no-op when empty).
+
+    Args:
+        problems: messages, each naming its file.
+        what: what was being checked, e.g. the source folder; used in the summary line.
+    """
+    if problems:
+        n = len(problems)
+        raise DataError(f"{n} problem{'s' if n > 1 else ''} in {what}:", problems)

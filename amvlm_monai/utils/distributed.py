@@ -12,15 +12,9 @@ is then the step of one process on the W * B samples (tested with two CPU proces
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn
-
-__all__ = ["is_distributed", "world_size", "rank", "is_main_process", "gather_with_grad", "gather", "global_mean",
-           "mean_count", "gather_rows", "gather_objects", "SyncBatchNorm", "sync_batchnorm", "AverageBuffers"]
 
 
 def is_distributed() -> bool:
@@ -34,6 +28,16 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def unwrap(net: nn.Module, parallel_only: bool = False) -> nn.Module:
+    """The plain network inside its wrappers (DistributedDataParallel, DataParallel, an EMA teacher, a momentum
+    copy): each of them holds it as ``.module``. ``parallel_only`` unwraps only the data-parallel wrappers (what
+    ignite's ``Checkpoint.load_objects`` unwraps, so that saved and loaded states match)."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(getattr(net, "module", None), nn.Module) and (not parallel_only or isinstance(net, parallel)):
+        net = net.module
+    return net
 
 
 def is_main_process() -> bool:

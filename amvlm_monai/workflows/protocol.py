@@ -12,12 +12,12 @@ the same configs and overrides a user would give ``python -m monai.bundle run``;
 
 Example (what ``make demo`` runs on the synthetic data)::
 
-    python -m amvlm_monai.protocol --bundle bundles/qata_covid19_cxr_segmentation --data runs/demo/data \\
+    python -m amvlm_monai.workflows.protocol --bundle bundles/qata_covid19_cxr_segmentation --data runs/demo/data \\
         --work runs/demo --config configs/demo.json --methods supervised mean_teacher amvlm --labeled 25 --seeds 0
 
 A lab with GPUs reproduces the slides' QaTa table with the bundle's own settings::
 
-    python -m amvlm_monai.protocol --bundle bundles/qata_covid19_cxr_segmentation --data /data/qata_converted \\
+    python -m amvlm_monai.workflows.protocol --bundle bundles/qata_covid19_cxr_segmentation --data /data/qata_converted \\
         --work runs/qata --methods supervised mean_teacher mt_css mt_icl mt_css_icl amvlm --labeled 25 50 --seeds 0 1 2
 """
 
@@ -39,11 +39,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from amvlm_monai.cli import parse_key_values
-
-__all__ = ["METHODS", "PRETRAIN", "Protocol", "summarise", "stage1_alignment", "main"]
+from amvlm_monai.utils.args import parse_key_values
 
 #: method -> (stage-2 variant overlay under configs/variants, stage-1 checkpoint it needs or None, table label)
+
+
 METHODS: dict[str, tuple[str, Optional[str], str]] = {
     "supervised": ("supervised.json", None, "supervised U-Net"),
     "mean_teacher": ("mean_teacher.json", None, "Mean-Teacher"),
@@ -53,6 +53,8 @@ METHODS: dict[str, tuple[str, Optional[str], str]] = {
     "amvlm": ("full.json", "full", "MT + CSS + ICL + L_tg (AMVLM)"),
     "amvlm_mil": ("full.json", "mil", "AMVLM + L_mil (not in the paper)"),
 }
+
+
 #: stage-1 kind -> (pretraining overlay under configs/variants or None, checkpoint file name)
 PRETRAIN: dict[str, tuple[Optional[str], str]] = {
     "full": (None, "amvlm_pretrained.pt"),
@@ -60,9 +62,12 @@ PRETRAIN: dict[str, tuple[Optional[str], str]] = {
     "icl": ("pretrain_icl.json", "amvlm_icl.pt"),
     "mil": ("pretrain_mil.json", "amvlm_mil.pt"),
 }
+
+
 #: the comparisons of the paper's claim, then of L_mil: (A, B) tested as A against B
 COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvlm", "supervised"),
                ("amvlm_mil", "mean_teacher"), ("amvlm_mil", "amvlm"))
+
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +162,7 @@ class Protocol:
                          self.work / "logs" / f"{tag}_train.log")
         secs += self._run("evaluating", train_cfg + ["configs/evaluate.json"],
                           dict(common, output_dir=str(out), eval_dir=str(out)), self.work / "logs" / f"{tag}_eval.log")
-        from amvlm_monai.metrics import read_scores_csv
+        from amvlm_monai.evaluation.metrics import read_scores_csv
 
         scores = read_scores_csv(out / "scores_test.csv")
         selected = {}
@@ -222,7 +227,7 @@ def _output_to(log: Path) -> Iterator[None]:
 
 
 def _pseudo_label_scores(path: Path, epoch: Any) -> dict[str, float]:
-    """The pseudo-label diagnostic (:class:`~amvlm_monai.handlers.PseudoLabelQuality`) at the kept model's epoch."""
+    """The pseudo-label diagnostic (:class:`~amvlm_monai.handlers.metrics.PseudoLabelQuality`) at the kept model's epoch."""
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
@@ -233,7 +238,7 @@ def _pseudo_label_scores(path: Path, epoch: Any) -> dict[str, float]:
 
 def stage1_alignment(work: str | os.PathLike) -> list[dict[str, Any]]:
     """The kept stage-1 checkpoints' validation figures (``seed<S>/models/*.json`` written by
-    :class:`~amvlm_monai.alignment.AlignmentValidation`)."""
+    :class:`~amvlm_monai.handlers.alignment.AlignmentValidation`)."""
     rows = []
     for path in sorted(Path(work).glob("seed*/models/amvlm_*.json")):
         info = json.loads(path.read_text())
@@ -255,7 +260,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def _seed_mean_scores(paths: Sequence[str], out: Path) -> Path:
     """Average per-image scores over seeds (the same test images in every file) into one CSV."""
-    from amvlm_monai.metrics import read_scores_csv, write_scores_csv
+    from amvlm_monai.evaluation.metrics import read_scores_csv, write_scores_csv
 
     tables = [read_scores_csv(p) for p in paths]
     ids = tables[0]["ids"]
@@ -270,7 +275,7 @@ def _seed_mean_scores(paths: Sequence[str], out: Path) -> Path:
 
 def summarise(rows: Sequence[Mapping[str, Any]], work: str | os.PathLike, alpha: float = 0.05) -> str:
     """Write ``results.csv``, ``ttests.csv`` and ``results.md`` from the per-run rows; returns the Markdown."""
-    from amvlm_monai.metrics import paired_ttest
+    from amvlm_monai.evaluation.metrics import paired_ttest
 
     work = Path(work)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -353,7 +358,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], work: str | os.PathLike, alpha:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.protocol", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.workflows.protocol", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="bundle folder")
     parser.add_argument("--data", required=True, help="converted data folder (datalist.json, split files)")

@@ -62,19 +62,21 @@ from monai.transforms import (
 )
 from monai.utils import optional_import
 
-__all__ = [
-    "FORMATS", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES", "DicomSeries", "detect_format", "list_dicom_series",
-    "select_dicom_series", "reader_for", "load_clinical", "ClinicalLoadd", "resolve_modality",
-    "IntensityByModality", "IntensityByModalityd", "clinical_load_chain", "check_finite_image", "CheckFinited",
-    "Load2Dd",
-]
-
 logger = logging.getLogger(__name__)
 
+
 FORMATS = ("nifti", "dicom_series", "dicom", "image")
+
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
 MR_NORMS = ("zscore", "percentile")
+
+
 # the restriction MONAI's ITKReader puts on GDCM's series identifiers; kept identical so that names match
 _ITK_SERIES_RESTRICTION = "0008|0021"
 
@@ -564,3 +566,40 @@ def clinical_load_chain(keys: Sequence[str], modality: str = "auto", ct_window: 
         IntensityByModalityd(keys, modality=modality, ct_window=ct_window, mr_norm=mr_norm),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
     ]
+
+
+class SaveNiftid:
+    """Write ``data[key]`` (``(1, *spatial)`` labels, already at the input's size) as
+    ``<output_dir>/<input stem>_<postfix>.nii.gz`` (uint8) with the input's original affine, unchanged.
+
+    MONAI's ``SaveImaged`` reduces a 2D image's 4x4 affine to 3x3 before writing, which is singular for 2D slices cut
+    from a volume along another axis than the last (a sagittal slice has no in-plane z); nibabel keeps the 4x4
+    affine, so each mask overlays its slice in world space.
+    """
+
+    def __init__(self, keys: str, output_dir: str | os.PathLike, output_ext: str = ".nii.gz",
+                 postfix: str = "mask") -> None:
+        self.key = keys
+        self.output_dir = Path(output_dir)
+        self.output_ext = output_ext
+        self.postfix = postfix
+
+    def __call__(self, data: dict) -> dict:
+        import nibabel as nib
+        import numpy as np
+
+        pred = data[self.key]
+        meta = getattr(pred, "meta", {})
+        source = str(meta.get("filename_or_obj", "image"))
+        name = Path(source).name
+        for ext in (".nii.gz", ".nii"):
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        else:
+            name = Path(name).stem
+        affine = np.asarray(meta.get("original_affine", getattr(pred, "affine", np.eye(4))), np.float64)
+        arr = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)[0].astype(np.uint8)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(arr, affine), str(self.output_dir / f"{name}_{self.postfix}{self.output_ext}"))
+        return data

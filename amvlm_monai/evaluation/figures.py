@@ -3,8 +3,8 @@
 - :func:`segmentation_panel`: image | ground truth | prediction | text mask side by side, the report printed under
   them (evaluation writes these for a sample of test images; TensorBoard shows the same at validation).
 - :func:`alignment_figure`: for one image and K reports, the patch-report cosine similarity and the PDT's predicted
-  variance over the image (:func:`amvlm_monai.uncertainty.alignment_maps` computes them).
-- :func:`readme_figures` / ``python -m amvlm_monai.visualize figures --run runs/demo --out docs/images``: one panel
+  variance over the image (:func:`amvlm_monai.evaluation.alignment.alignment_maps` computes them).
+- :func:`readme_figures` / ``python -m amvlm_monai.evaluation.figures figures --run runs/demo --out docs/images``: one panel
   and one heat-map from a finished demo run, for the README.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display needed). Images come in
@@ -26,9 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["to_display", "segmentation_panel", "alignment_figure", "save_png", "readme_figures", "main"]
-
 _GT = (0.1, 0.85, 0.2)  # ground truth: green
+
+
 _PRED = (0.95, 0.2, 0.6)  # prediction: magenta
 
 
@@ -242,8 +242,8 @@ def readme_figures(run_dir, out_dir, prefer: str = "amvlm", checkpoint=None, rep
     Returns:
         ``{"panel": path, "alignment": path}``.
     """
+    from amvlm_monai.evaluation.alignment import alignment_maps
     from amvlm_monai.networks.amvlm import load_amvlm
-    from amvlm_monai.uncertainty import alignment_maps
 
     run, out = Path(run_dir), Path(out_dir)
     panel_file, info = _pick_panel(run, prefer)
@@ -270,7 +270,7 @@ def readme_figures(run_dir, out_dir, prefer: str = "amvlm", checkpoint=None, rep
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.visualize", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.evaluation.figures", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fig = sub.add_parser("figures", help="README figures (panel.png, alignment.png) from a finished demo run")
     fig.add_argument("--run", required=True, help="the demo's run folder (holds eval panels and amvlm_pretrained.pt)")

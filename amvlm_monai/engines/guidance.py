@@ -18,8 +18,6 @@ from torch import nn
 from amvlm_monai.losses.semi import fuse_pseudo_labels
 from amvlm_monai.networks.mask_generator import TextMaskGenerator
 
-__all__ = ["PatchEncoder", "TextGuidance", "build_text_guidance", "encode_reports"]
-
 
 @torch.no_grad()
 def encode_reports(amvlm: nn.Module, reports: Sequence[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
@@ -41,7 +39,7 @@ class PatchEncoder(nn.Module):
     Args:
         amvlm: the stage-1 model (its ``image_encoder`` and ``image_local`` are used).
         dtype: autocast dtype of the tower (e.g. ``torch.bfloat16``), or None for float32. Use a reduced dtype only
-            where the device computes it natively (:func:`~amvlm_monai.engines.step.amp_dtype`); the patch
+            where the device computes it natively (:func:`~amvlm_monai.utils.precision.amp_dtype`); the patch
             embeddings of bfloat16 agree with float32 to a cosine similarity above 0.99 (tested).
     """
 
@@ -197,7 +195,7 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
     Only the parts stage 2 uses are built and read (memory-mapped) from the checkpoint.
 
     Args:
-        frozen_amp: precision of the frozen image tower, as ``amp`` of :func:`~amvlm_monai.engines.step.amp_dtype`:
+        frozen_amp: precision of the frozen image tower, as ``amp`` of :func:`~amvlm_monai.utils.precision.amp_dtype`:
             True keeps its weights in bfloat16 and runs it under bfloat16 autocast where the device computes
             bfloat16 natively, else float32; False: float32.
         reports: the reports the run will show the guidance (e.g. those of the datalist): they are encoded once here
@@ -206,9 +204,9 @@ def build_text_guidance(checkpoint: str, use_tg: bool = True, tg_weight: float =
         Others: see :class:`TextGuidance`, :class:`~amvlm_monai.losses.text_guided.TextGuidedLoss` and
             :class:`~amvlm_monai.networks.mask_generator.TextMaskGenerator`.
     """
-    from amvlm_monai.engines.step import amp_dtype
     from amvlm_monai.losses.text_guided import TextGuidedLoss
     from amvlm_monai.networks.amvlm import STAGE2_PARTS, load_amvlm
+    from amvlm_monai.utils.precision import amp_dtype
 
     def text_tower() -> nn.Module:
         return load_amvlm(checkpoint, text_model=text_model, parts=("text_encoder", "text_global")).to(device)

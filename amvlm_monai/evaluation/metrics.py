@@ -10,7 +10,7 @@ Rules (the method page, "Evaluation"):
 - the reported Dice / mIoU is the mean over images of the per-image class mean; significance is a paired t-test over
   per-image scores matched by id (``alpha = 0.05``).
 
-CLI: ``python -m amvlm_monai.metrics compare a.csv b.csv [--metric dice] [--alpha 0.05]`` prints a JSON dict.
+CLI: ``python -m amvlm_monai.evaluation.metrics compare a.csv b.csv [--metric dice] [--alpha 0.05]`` prints a JSON dict.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import numpy as np
 if TYPE_CHECKING:  # torch and monai are imported where needed, so that the CSV / t-test CLI starts fast
     import torch
 
-__all__ = ["binarize", "segmentation_scores", "write_scores_csv", "read_scores_csv", "paired_ttest", "main"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -244,7 +243,7 @@ def paired_ttest(csv_a: PathLike, csv_b: PathLike, metric: str = "dice", alpha: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``compare A.csv B.csv [--metric dice] [--alpha 0.05]`` prints the t-test as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.metrics", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.evaluation.metrics", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmp_ = sub.add_parser("compare", help="paired t-test of per-image scores of two methods (CSV files)")
     cmp_.add_argument("csv_a")

@@ -26,7 +26,7 @@ its weights (see ``docs/method.md``, "Stage-1 BatchNorm statistics").
 
 CLI (a stage-1 checkpoint on a split of a converted data set)::
 
-    python -m amvlm_monai.alignment --checkpoint models/amvlm_pretrained.pt --datalist DATA/datalist.json \
+    python -m amvlm_monai.evaluation.alignment --checkpoint models/amvlm_pretrained.pt --datalist DATA/datalist.json \
         [--key validation] [--limit 500]
 """
 
@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
@@ -44,13 +43,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["refresh_bn_statistics", "retrieval_recall", "label_facts", "fact_recall", "roc_auc", "localisation_scores", "evaluate_alignment",
-           "AlignmentValidation"]
-
 logger = logging.getLogger(__name__)
+
 
 #: The fact keys of :func:`label_facts`, in the order they are logged.
 FACT_KEYS = ("fact", "fact_zone")
+
+
 _warned: set[str] = set()
 
 
@@ -345,90 +344,55 @@ def refresh_bn_statistics(model: torch.nn.Module, batches: Iterable[dict], devic
     return seen
 
 
-class AlignmentValidation:
-    """Pretraining validation: :func:`evaluate_alignment` every ``interval`` epochs on a labelled split.
-
-    Every metric goes to the trainer's ``state.metrics`` as ``val_<name>`` and to the log (recalls, exact-pair and
-    fact-level, beside their chance levels). When ``save_path`` is given, the checkpoint with the best ``key_metric`` is kept there (the format
-    of :class:`~amvlm_monai.handlers.SavePretrained`), with ``<stem>.json`` giving its epoch and metrics.
+@torch.no_grad()
+def alignment_maps(model: torch.nn.Module, image: str, reports: Sequence[str]) -> dict:
+    """Where on one image each report matches, and how unsure the PDT is there, on the ViT's patch grid (h, w).
 
     Args:
-        loader: batches with ``image``, ``label``, ``text`` (the validation split, no augmentation).
-        network: the AMVLM being pretrained.
-        save_path: where to keep the best checkpoint; None only logs.
-        key_metric: a key of :func:`evaluate_alignment` to maximise.
-        interval: epochs between validations.
-        bn_loader: training batches (``image``, ``text``) on which :func:`refresh_bn_statistics` re-estimates the
-            BatchNorm statistics before each validation (so also before each save); None leaves them as training
-            left them.
-        bn_images: images to refresh them on.
+        model: a pretrained :class:`~amvlm_monai.networks.amvlm.AMVLM`.
+        image: an image file (read through the inference transforms of the model's size and channels).
+        reports: K reports.
+
+    Returns:
+        dict with ``image`` (C, H, W) as the model saw it, ``reports``, ``similarity`` (K, h, w): cosine of every
+        patch embedding with each report's global embedding; ``variance_image`` (h, w): the PDT's sigma^2 of the
+        patch tokens, mean over D; ``variance_attended`` (K, h, w): the same for the report's words attended by each
+        patch (the distribution CSS compares with the patch's).
     """
+    from amvlm_monai.networks.outputs import TokenOutput
+    from amvlm_monai.transforms.pipelines import inference_transforms
 
-    def __init__(self, loader: Iterable[dict], network: torch.nn.Module, save_path: Optional[str] = None,
-                 key_metric: str = "alignment", interval: int = 1, bn_loader: Optional[Iterable[dict]] = None,
-                 bn_images: int = 256) -> None:
-        self.loader = loader
-        self.bn_loader = bn_loader
-        self.bn_images = int(bn_images)
-        self.network = network
-        self.save_path = os.fspath(save_path) if save_path else None
-        self.key_metric = key_metric
-        self.interval = max(1, int(interval))
-        self.best: Optional[dict] = None
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
-
-    def __call__(self, engine: Any) -> None:
-        from amvlm_monai.handlers import _is_writer, save_pretrained
-
-        if self.bn_loader is not None:
-            refresh_bn_statistics(self.network, self.bn_loader, engine.state.device, self.bn_images)
-        metrics = evaluate_alignment(self.network, self.loader, engine.state.device)
-        if self.key_metric not in metrics:
-            raise KeyError(f"AlignmentValidation: no metric '{self.key_metric}' (have {sorted(metrics)}).")
-        engine.state.metrics.update({f"val_{k}": v for k, v in metrics.items()})
-        epoch = engine.state.epoch
-        r = " ".join(f"{d}@{k[-1]} {metrics[f'{d}_r{k[-1]}']:.3f} (chance {metrics[f'{d}_r{k[-1]}_chance']:.3f})"
-                     for d in ("i2t", "t2i") for k in ("r1", "r5") if f"{d}_{k}" in metrics)
-        facts = ", ".join(f"{what} " + " ".join(f"{d}@1 {metrics[f'{d}_{name}_r1']:.3f} (chance "
-                                                 f"{metrics[f'{d}_{name}_r1_chance']:.3f})" for d in ("i2t", "t2i"))
-                          for name, what in zip(FACT_KEYS, ("count+sides", "count+sides+zones"))
-                          if math.isfinite(metrics.get(f"i2t_{name}_r1", float("nan"))))
-        logger.info("epoch %d stage-1 validation (%d images, %d distinct reports): %s; same facts %s; localisation "
-                    "AUC %.3f, text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
-                    metrics["n_reports"], r, facts or "n/a (labels not binary)", metrics["loc_auc"],
-                    metrics["text_mask_dice"], metrics["ones_dice"], metrics["alignment"])
-        value = metrics[self.key_metric]
-        if self.best is None or (math.isfinite(value) and value > self.best["value"]):
-            self.best = {"epoch": epoch, "metric": self.key_metric, "value": value, "metrics": metrics}
-            if self.save_path and _is_writer():
-                save_pretrained(self.save_path, self.network, epoch=epoch)
-                with open(os.path.splitext(self.save_path)[0] + ".json", "w") as f:
-                    json.dump(self.best, f, indent=1)
-                logger.info("epoch %d: kept as %s (%s %.4f)", epoch, self.save_path, self.key_metric, value)
-        engine.state.metrics["val_best_" + self.key_metric] = self.best["value"]
-
-    def state_dict(self) -> dict:
-        """The best validation so far (part of the resumable pretraining state)."""
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = state["best"]
+    if not reports:
+        raise ValueError("no report given.")
+    model.eval()
+    chain = inference_transforms(model.config["image_size"], in_channels=model.config.get("in_channels", 1))
+    device = next(model.parameters()).device
+    x = torch.as_tensor(chain({"image": image})["image"]).float()[None].to(device)
+    grid = tuple(model.image_encoder.grid_size)
+    k = len(reports)
+    img = model.encode_image(x)
+    txt = model.encode_text(model.tokenize(list(reports), device))
+    sim = (img.tokens[0] @ txt.cls.T).T.reshape(k, *grid)
+    _, sigma = model.pdt_image(img.tokens, img.mask)
+    per_report = TokenOutput(cls=img.cls.expand(k, -1), tokens=img.tokens.expand(k, -1, -1),
+                             mask=img.mask.expand(k, -1), attn=None)
+    att_words, _ = model.cross_attend(per_report, txt)
+    _, sigma_att = model.pdt_attended(att_words, per_report.mask)
+    return {"image": x[0].cpu(), "reports": list(reports), "similarity": sim.cpu(),
+            "variance_image": sigma[0].pow(2).mean(-1).reshape(grid).cpu(),
+            "variance_attended": sigma_att.pow(2).mean(-1).reshape(k, *grid).cpu()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the alignment metrics of a stage-1 checkpoint on one split of a datalist, as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.alignment", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.evaluation.alignment", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (amvlm_pretrained.pt)")
     parser.add_argument("--datalist", required=True, help="datalist.json of a converted data set")
     parser.add_argument("--key", default="validation", help="the split (its items need label and text)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N items only")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    from amvlm_monai.cli import cli_errors
+    from amvlm_monai.utils.errors import cli_errors
 
     with cli_errors():
         from monai.data import DataLoader, Dataset

@@ -1,14 +1,14 @@
 """``make demo``: synthetic QaTa-style data -> AMVLM pretraining -> supervised, Mean-Teacher, AMVLM and AMVLM with the
 pooled patch-report contrast L_mil (not in the paper) at 25 % labels -> test scores, printed as the slides' table.
 
-It is :mod:`amvlm_monai.protocol` on the demo data with the bundle's CPU preset (``configs/demo.json``); it runs
+It is :mod:`amvlm_monai.workflows.protocol` on the demo data with the bundle's CPU preset (``configs/demo.json``); it runs
 from a source checkout (it needs ``bundles/`` and ``data_prep/``).
 
 Usage::
 
-    python -m amvlm_monai.demo                       # the demo (about 9 minutes on 2 cores)
-    python -m amvlm_monai.demo --quick               # a smoke run of every step (tiny sizes)
-    python -m amvlm_monai.demo --ablation --seeds 0 1 2   # the slides' ablation rows over 3 seeds
+    python -m amvlm_monai.workflows.demo                       # the demo (about 9 minutes on 2 cores)
+    python -m amvlm_monai.workflows.demo --quick               # a smoke run of every step (tiny sizes)
+    python -m amvlm_monai.workflows.demo --ablation --seeds 0 1 2   # the slides' ablation rows over 3 seeds
 """
 
 from __future__ import annotations
@@ -20,13 +20,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from amvlm_monai.protocol import METHODS, Protocol, summarise
+from amvlm_monai.workflows.protocol import METHODS, Protocol, summarise
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+
+
 BUNDLE = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
+
 
 #: sizes of the demo: images per split, image side, stage-1 and stage-2 epochs
 FULL = dict(n_train=240, n_val=60, n_test=120, size=64, pre_epochs=10, epochs=20)
+
+
 QUICK = dict(n_train=24, n_val=8, n_test=8, size=64, pre_epochs=1, epochs=1)
 
 
@@ -45,7 +50,7 @@ def make_data(work: Path, sizes: dict, seed: int = 0) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m amvlm_monai.workflows.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=str(ROOT / "runs" / "demo"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")

@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional, TypeVar
 
-__all__ = ["progress_mode", "format_seconds", "progress", "ProgressHandler"]
-
 T = TypeVar("T")
+
+
 _MODES = ("auto", "bar", "log", "off")
-logger = logging.getLogger("amvlm_monai.progress")
+
+
+logger = logging.getLogger("amvlm_monai.utils.progress")
 
 
 def progress_mode(mode: str = "auto") -> str:
@@ -78,7 +80,7 @@ def progress(iterable: Iterable[T], desc: str, total: Optional[int] = None, ever
         total: number of items (default ``len(iterable)`` when it has one).
         every_s: seconds between lines in log mode (a line is also written at the end).
         mode: "auto", "bar", "log" or "off".
-        log: logger for log mode (default ``amvlm_monai.progress``).
+        log: logger for log mode (default ``amvlm_monai.utils.progress``).
     """
     mode = progress_mode(mode)
     if total is None and hasattr(iterable, "__len__"):

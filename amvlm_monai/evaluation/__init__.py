@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics, stage-1 alignment scores, alignment uncertainty, figures."""

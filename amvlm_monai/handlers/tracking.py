@@ -1,0 +1,176 @@
+"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores, model selection, TensorBoard
+logging with validation panels, evaluation panels, and the check behind ``--tracking mlflow``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from ignite.engine import Engine, Events
+
+from amvlm_monai.handlers.panels import PanelSampler, _safe, render_panels
+
+logger = logging.getLogger(__name__)
+
+
+# ---- TensorBoard -----------------------------------------------------------------------------------------------
+def _scalars(output: Any) -> dict:
+    if isinstance(output, dict):
+        return {k: float(v) for k, v in output.items()
+                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+    if isinstance(output, (int, float)) or (isinstance(output, torch.Tensor) and output.numel() == 1):
+        return {"loss": float(output)}
+    return {}
+
+
+class TensorBoardHandler:
+    """TensorBoard for a trainer (ignite's ``TensorboardLogger``): every scalar of the trainer's output (the loss and
+    each term) per iteration, the learning rate of every parameter group, every validation metric after each epoch,
+    and panels of a few validation images (:func:`render_panels`; text masks from ``guidance`` when given).
+
+    Validation metrics are whatever the run computes: the trainer's ``state.metrics`` at the end of each epoch (where
+    :class:`SelectBestModel` puts ``student_val_mean_dice``, ``teacher_...`` and the stage-1 alignment validation puts
+    its recalls and AUC), and, when the trainer validates through MONAI's ``ValidationHandler``, its validator's
+    metrics after each run.
+
+    Args:
+        log_dir: the event-file folder (``tensorboard --logdir`` on it or on a parent).
+        optimizer: its learning rates are logged (``lr/group_<i>``), or None.
+        evaluator: the validation engine whose images make the panels (default: the validator of the trainer's
+            ``ValidationHandler``, if any).
+        guidance: a TextGuidance for the panels' text masks, or None.
+        num_panels: validation images shown as panels (0: none).
+        multiclass: class-index labels and arg-max predictions in the panels.
+        every_n_iterations: log the training scalars every n iterations.
+        output_transform: trainer output -> dict of scalars (default: every scalar entry of the output dict).
+    """
+
+    def __init__(self, log_dir: str, optimizer: Optional[torch.optim.Optimizer] = None,
+                 evaluator: Optional[Engine] = None, guidance: Optional[torch.nn.Module] = None,
+                 num_panels: int = 4, multiclass: bool = False, every_n_iterations: int = 1,
+                 output_transform: Optional[Callable] = None) -> None:
+        self.log_dir = os.fspath(log_dir)
+        self.optimizer = optimizer
+        self.evaluator = evaluator
+        self.guidance = guidance
+        self.sampler = PanelSampler(num_panels) if num_panels > 0 else None
+        self.multiclass = multiclass
+        self.every = max(1, int(every_n_iterations))
+        self.output_transform = output_transform or _scalars
+        self.logger = None
+        self._hooked = False
+
+    def attach(self, trainer: Engine) -> None:
+        from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
+
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.logger = tb = TensorboardLogger(log_dir=self.log_dir)
+        tb.attach(trainer, OutputHandler(tag="train", output_transform=self.output_transform),
+                  event_name=Events.ITERATION_COMPLETED(every=self.every))
+        if self.optimizer is not None:
+            tb.attach(trainer, OptimizerParamsHandler(self.optimizer, param_name="lr"),
+                      event_name=Events.ITERATION_STARTED(every=self.every))
+        trainer.add_event_handler(Events.STARTED, self._hook_validation)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_metrics)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: tb.writer.flush())
+        trainer.add_event_handler(Events.COMPLETED, lambda e: tb.close())
+
+    def _epoch_metrics(self, trainer: Engine) -> None:
+        for name, value in _scalars(dict(trainer.state.metrics)).items():
+            self.logger.writer.add_scalar(f"validation/{name}", value, trainer.state.epoch)
+
+    def _hook_validation(self, trainer: Engine) -> None:
+        """At the run's start, once the trainer has all its handlers: find a ValidationHandler's validator."""
+        if self._hooked:
+            return
+        self._hooked = True
+        from ignite.handlers.tensorboard_logger import OutputHandler, global_step_from_engine
+
+        validators = [h.validator for h in _handlers_of(trainer) if type(h).__name__ == "ValidationHandler"]
+        validators = [v for v in validators if v is not None]
+        if validators:  # its metrics stay on the validator: log them after each of its runs
+            step = global_step_from_engine(trainer)
+            self.logger.attach(validators[0], OutputHandler(tag="validation", metric_names="all",
+                                                            global_step_transform=step), event_name=Events.COMPLETED)
+        evaluator = self.evaluator if self.evaluator is not None else (validators[0] if validators else None)
+        if evaluator is not None and self.sampler is not None:
+            evaluator.add_event_handler(Events.STARTED, self.sampler.reset)
+            evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.sampler.update)
+            evaluator.add_event_handler(Events.COMPLETED, lambda e: self._panels(trainer, e))
+
+    def _panels(self, trainer: Engine, evaluator: Engine) -> None:
+        prefix = "validation_panels/"
+        network = getattr(evaluator, "network", None)
+        for owner in _handlers_of(trainer):  # the run validates several networks (student, teacher): name them
+            for name, net in (getattr(owner, "networks", None) or {}).items():
+                if net is network:
+                    prefix = f"validation_panels/{name}/"
+        for info, picture in render_panels(self.sampler.items(), self.multiclass, self.guidance):
+            self.logger.writer.add_image(prefix + _safe(info["id"]), picture, global_step=trainer.state.epoch,
+                                         dataformats="HWC")
+        self.logger.writer.flush()
+
+
+# ---- experiment tracking -----------------------------------------------------------------------------------------
+MLFLOW_MISSING = ("--tracking mlflow needs the mlflow package, which is not installed here: "
+                  "pip install 'amvlm-monai[mlflow]' (or: pip install mlflow).")
+
+
+def mlflow_is_not_rank0() -> bool:
+    """The ``is_not_rank0`` value of MONAI's mlflow tracking settings (``--tracking mlflow`` disables its handlers
+    on ranks > 0 with it); the bundles define it so that a missing ``mlflow`` stops the run with a clear message
+    before anything is trained, instead of failing inside the handler's construction."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        logger.error(MLFLOW_MISSING)
+        raise ImportError(MLFLOW_MISSING)
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
+
+
+def _handlers_of(engine: Engine) -> list:
+    """The objects whose methods are attached to ``engine`` (handler instances such as ``ValidationHandler`` or
+    ``MLFlowHandler``). ignite has no public way to list an engine's handlers, hence ``engine._event_handlers``."""
+    owners, seen = [], set()
+    for entries in getattr(engine, "_event_handlers", {}).values():
+        for entry in entries:
+            func = entry[0]
+            if hasattr(func, "_parent"):  # a handler wrapped by an event filter (e.g. every=n)
+                func = func._parent()
+            owner = getattr(func, "__self__", func)
+            if id(owner) not in seen:
+                seen.add(id(owner))
+                owners.append(owner)
+    return owners
+
+
+class TrackingOutputs:
+    """Let experiment-tracking handlers read this package's trainer outputs.
+
+    ``--tracking mlflow`` adds MONAI's ``MLFlowHandler`` with ``output_transform=from_engine(["loss"], first=True)``,
+    written for decollated outputs (a list of dicts). The trainers here output one dict of scalars (``loss`` and every
+    term), for which that transform gives a tuple that mlflow rejects. When the trainer starts, this handler finds the
+    tracking handlers attached to it and, where their transform does not give a number or a dict for such an output,
+    gives them every scalar of the output instead (so each loss term is tracked).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        sample = {"loss": 1.0}
+        for owner in _handlers_of(engine):
+            transform = getattr(owner, "output_transform", None)
+            if type(owner).__name__ != "MLFlowHandler" or transform is None or transform is _scalars:
+                continue
+            try:
+                good = isinstance(transform(sample), (int, float, dict, torch.Tensor))
+            except Exception:
+                good = False
+            if not good:
+                owner.output_transform = _scalars
