@@ -79,7 +79,7 @@ def test_localisation_by_hand():
     assert out["loc_auc"] == pytest.approx(roc_auc(up, labels[0, 0] > 0))
     pred = up > 0.25
     target = labels[0, 0] > 0
-    assert out["text_mask_dice"] == pytest.approx(float(2 * (pred & target).sum() / (pred.sum() + target.sum())))
+    assert out["initial_mask_dice"] == pytest.approx(float(2 * (pred & target).sum() / (pred.sum() + target.sum())))
     assert out["ones_dice"] == pytest.approx(2 * 4 / (16 + 4))
     assert out["loc_auc"] > 0.9
 
@@ -98,7 +98,7 @@ def test_evaluate_alignment_on_a_tiny_model(tiny_amvlm):
     assert tiny_amvlm.training  # restored
     assert out["n_images"] == 4 and out["n_reports"] == 3  # REPORTS[1] twice
     assert out["i2t_r5"] == 1.0 and out["n_lesion_images"] == 4
-    for key in ("i2t_r1", "t2i_r1", "loc_auc", "text_mask_dice", "ones_dice"):
+    for key in ("i2t_r1", "t2i_r1", "loc_auc", "initial_mask_dice", "ones_dice"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["alignment"] == pytest.approx((out["i2t_r5"] + out["t2i_r5"] + out["loc_auc"]) / 3)
     for key in ("i2t_fact_r1", "t2i_fact_r1", "i2t_fact_zone_r1", "t2i_fact_zone_r1"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "amvlm_monai"
 #: lowest first; a module may import its own layer and the layers before it
-LAYERS = ("utils", "io", "data", "transforms", "networks", "losses", "engines", "evaluation", "handlers", "inference",
+LAYERS = ("utils", "io", "data", "transforms", "networks", "losses", "evaluation", "engines", "handlers", "inference",
           "workflows")
 
 

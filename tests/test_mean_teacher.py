@@ -177,18 +177,21 @@ def test_guidance_without_tg_and_fusion_uses_the_text_mask(stage1_ckpt):
 
 
 def test_text_mask_dice_diagnostic_by_hand():
-    from amvlm_monai.engines.mean_teacher import _hard_dice
+    from amvlm_monai.engines.mean_teacher import text_mask_dice
 
-    masks = torch.zeros(1, 1, 2, 2)
-    masks[0, 0, 0] = 0.9  # predicts the top row
-    label = torch.zeros(1, 1, 2, 2)
+    masks = torch.zeros(2, 1, 2, 2)
+    masks[0, 0, 0] = 0.9  # image 0 predicts the top row
+    masks[1, 0, 1] = 0.9  # image 1 predicts the bottom row, and has no lesion: not counted
+    label = torch.zeros(2, 1, 2, 2)
     label[0, 0, :, 0] = 1  # the left column
-    assert math.isclose(float(_hard_dice(masks, label, False)), 2 * 1 / (2 + 2))
-    # multi-class: masks for the 2 foreground classes of a 3-class index label
-    idx = torch.tensor([[[[1, 2], [0, 0]]]])
-    fg = torch.zeros(1, 2, 2, 2)
-    fg[0, 0, 0, 0] = fg[0, 1, 0, 1] = 1.0
-    assert math.isclose(float(_hard_dice(fg, idx, True)), 1.0)
+    assert math.isclose(float(text_mask_dice(masks, label, False)), 2 * 1 / (2 + 2))
+    assert text_mask_dice(masks, torch.zeros_like(label), False) is None  # no lesion in the batch: no figure
+    # multi-class: masks for the 2 foreground classes of a 3-class index label; class 2 absent from image 1
+    idx = torch.tensor([[[[1, 2], [0, 0]]], [[[1, 1], [0, 0]]]])
+    fg = torch.zeros(2, 2, 2, 2)
+    fg[0, 0, 0, 0] = fg[0, 1, 0, 1] = 1.0  # image 0: both right
+    fg[1, 0, 0, 0] = 1.0  # image 1: class 1 Dice 2*1/(1+2)
+    assert math.isclose(float(text_mask_dice(fg, idx, True)), (1 + 1 + 2 / 3) / 3, rel_tol=1e-6)
 
 
 def _blobs(n, g):

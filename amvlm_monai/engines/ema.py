@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from amvlm_monai.networks.batchnorm import refresh_batchnorm
 from amvlm_monai.networks.momentum import momentum_update
 from amvlm_monai.utils.distributed import unwrap
 
@@ -145,28 +146,13 @@ def recompute_bn_statistics(network: nn.Module, images: Iterable[torch.Tensor], 
     """Re-estimate every BatchNorm layer's running statistics as the plain average over ``images`` batches.
 
     The network's weights are not changed; it is left in eval mode (``teacher_bn="recompute"``). This is
-    ``torch.optim.swa_utils.update_bn`` for batches of tensors, on the inner module of an :class:`EMATeacher`.
+    :func:`~amvlm_monai.networks.batchnorm.refresh_batchnorm` for batches of tensors, on the inner module of an
+    :class:`EMATeacher`.
 
     Returns:
         The number of images seen; with no batches at all the statistics are left as they were.
     """
-    import itertools
-
-    from torch.optim.swa_utils import update_bn
-
     inner = unwrap(network)
-    it = iter(images)
-    first = next(it, None)
-    if first is None:
-        return 0
-    seen = 0
-
-    def counted() -> Iterator[torch.Tensor]:
-        nonlocal seen
-        for x in itertools.chain([first], it):
-            seen += x.shape[0]
-            yield x
-
-    update_bn(counted(), inner, device=torch.device(device))
+    seen = refresh_batchnorm(inner, lambda x: inner(x.to(device)).shape[0], images)
     inner.train(False)
     return seen

@@ -22,6 +22,7 @@ from amvlm_monai.engines.ema import TEACHER_BN, ema_update, own_batch_statistics
 from amvlm_monai.engines.guidance import TextGuidance
 from amvlm_monai.engines.pretrainer import batch_names
 from amvlm_monai.engines.step import OptimStep, check_finite, scalars
+from amvlm_monai.evaluation.metrics import segmentation_scores
 from amvlm_monai.losses.semi import consistency_weight
 from amvlm_monai.utils.precision import autocast
 
@@ -29,18 +30,26 @@ __all__ = ["MeanTeacherTrainer"]
 
 
 @torch.no_grad()
-def _hard_dice(masks: torch.Tensor, label: torch.Tensor, multiclass: bool) -> torch.Tensor:
-    """Batch Dice of text masks (> 0.5) against labels: how good the text prompts alone are (a diagnostic).
+def text_mask_dice(masks: torch.Tensor, label: torch.Tensor, multiclass: bool) -> Optional[torch.Tensor]:
+    """Dice of the text masks (> 0.5) against the labels: how good the text prompts alone are (a diagnostic).
 
-    masks: (B, K, H, W); label: (B, 1, H, W) binary, or class indices with K = C - 1 foreground masks.
+    The mean, over images and foreground classes present in the label, of the per-image Dice
+    (:func:`~amvlm_monai.evaluation.metrics.segmentation_scores` with ``ignore_empty=True``).
+
+    Args:
+        masks: (B, K, H, W) text masks in [0, 1].
+        label: (B, 1, H, W) binary, or class indices with K = C - 1 foreground masks.
+
+    Returns:
+        A scalar tensor, or None when no image of the batch has a foreground pixel.
     """
     if multiclass:
         target = F.one_hot(label[:, 0].long(), masks.shape[1] + 1).movedim(-1, 1)[:, 1:].float()
     else:
         target = (label > 0.5).float()
-    pred = (masks > 0.5).float()
-    inter = (pred * target).sum()
-    return 2 * inter / (pred.sum() + target.sum()).clamp_min(1.0)
+    dice, _ = segmentation_scores((masks > 0.5).float(), target, include_background=True, ignore_empty=True)
+    dice = dice[~dice.isnan()]
+    return dice.mean() if dice.numel() else None
 
 
 class MeanTeacherTrainer(SupervisedTrainer):
@@ -194,7 +203,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
                     masks, tg = engine.guidance(x_u, list(unl["text"]))  # the frozen towers see unlabelled images only
                     if engine.diagnostic_interval and (engine.state.iteration - 1) % engine.diagnostic_interval == 0:
                         masks_l = engine.guidance.text_masks(x_l, list(batchdata["text"]))
-                        terms["text_mask_dice"] = _hard_dice(masks_l, y_l, engine.multiclass)
+                        dice = text_mask_dice(masks_l, y_l, engine.multiclass)
+                        if dice is not None:
+                            terms["text_mask_dice"] = dice
                     pseudo = engine.guidance.fuse(teacher_logits, masks.float(), engine.multiclass)
                     if tg is not None:
                         terms["tg"] = tg

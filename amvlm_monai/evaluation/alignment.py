@@ -43,6 +43,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from amvlm_monai.networks.batchnorm import refresh_batchnorm
+from amvlm_monai.utils.distributed import unwrap
+
 logger = logging.getLogger(__name__)
 
 
@@ -214,23 +217,25 @@ def localisation_scores(sim: torch.Tensor, labels: torch.Tensor, bias: float = 0
         bias: the initial text mask's threshold b.
 
     Returns:
-        ``loc_auc`` (mean per-image AUC), ``text_mask_dice`` (initial text mask) and ``ones_dice`` (all-ones mask),
+        ``loc_auc`` (mean per-image AUC), ``initial_mask_dice`` (the initial text mask ``sim > bias``) and ``ones_dice`` (all-ones mask),
         each averaged over the images that contain a lesion (NaN when none does), and ``n_lesion_images``.
     """
     if sim.ndim != 3 or labels.ndim != 4 or labels.shape[0] != sim.shape[0]:
         raise ValueError(f"sim must be (N, h, w) and labels (N, 1, H, W), got {tuple(sim.shape)}, {tuple(labels.shape)}.")
-    up = F.interpolate(sim[:, None].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    target = labels[:, 0] > 0
-    aucs, dice, ones = [], [], []
-    for s, y in zip(up, target):
-        if not y.any():
-            continue
-        aucs.append(roc_auc(s, y))
-        pred = s > bias
-        dice.append(float(2 * (pred & y).sum() / (pred.sum() + y.sum())))
-        ones.append(float(2 * y.sum() / (y.numel() + y.sum())))
-    mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))  # noqa: E731
-    return {"loc_auc": mean(aucs), "text_mask_dice": mean(dice), "ones_dice": mean(ones), "n_lesion_images": len(aucs)}
+    from amvlm_monai.evaluation.metrics import segmentation_scores
+
+    up = F.interpolate(sim[:, None].float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    target = (labels[:, :1] > 0).float()
+    lesion = target.flatten(1).any(1)
+    if not lesion.any():
+        nan = float("nan")
+        return {"loc_auc": nan, "initial_mask_dice": nan, "ones_dice": nan, "n_lesion_images": 0}
+    up, target = up[lesion], target[lesion]
+    aucs = [roc_auc(s, y > 0) for s, y in zip(up[:, 0], target[:, 0])]
+    dice, _ = segmentation_scores((up > bias).float(), target)
+    ones, _ = segmentation_scores(torch.ones_like(target), target)
+    return {"loc_auc": sum(aucs) / len(aucs), "initial_mask_dice": float(dice.mean()), "ones_dice": float(ones.mean()),
+            "n_lesion_images": len(aucs)}
 
 
 @torch.no_grad()
@@ -313,35 +318,15 @@ def refresh_bn_statistics(model: torch.nn.Module, batches: Iterable[dict], devic
     Returns:
         The number of images seen (0: no BatchNorm layer or no batch; the statistics are then left as they were).
     """
-    net = getattr(model, "module", model)
-    layers = [m for name, m in net.named_modules()
-              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith("momentum_")
-              and m.track_running_stats]
-    if not layers or max_images < 1:
-        return 0
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    was_training = net.training
-    net.train()
-    seen = 0
-    try:
-        for batch in batches:
-            images = batch["image"].to(device)
-            net.encode_image(images)
-            net.encode_text(net.tokenize(list(batch["text"]), device))
-            seen += images.shape[0]
-            if seen >= max_images:
-                break
-    finally:
-        for m, (momentum, mean, var, count) in zip(layers, saved):
-            m.momentum = momentum
-            if seen == 0:
-                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
-        net.train(was_training)
-    return seen
+    net = unwrap(model, parallel_only=True)
+
+    def forward(batch: dict) -> int:
+        images = batch["image"].to(device)
+        net.encode_image(images)
+        net.encode_text(net.tokenize(list(batch["text"]), device))
+        return images.shape[0]
+
+    return refresh_batchnorm(net, forward, batches, max_images, skip=lambda name: name.startswith("momentum_"))
 
 
 @torch.no_grad()

@@ -62,19 +62,22 @@ def binarize(logits: torch.Tensor, multiclass: bool, threshold: float = 0.5) -> 
 
 
 def segmentation_scores(
-    pred: torch.Tensor, label: torch.Tensor, include_background: bool = False
+    pred: torch.Tensor, label: torch.Tensor, include_background: bool = False, ignore_empty: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-class Dice and IoU of binarised predictions.
+    """Per-image, per-class Dice and IoU of binarised predictions: the one Dice/IoU of the package (every score,
+    diagnostic and stage-1 figure calls it).
 
     Args:
         pred: ``(B, C, *spatial)`` 0/1 prediction (see :func:`binarize`).
         label: ``(B, C, *spatial)`` 0/1 (one-hot for multi-class), or ``(B, 1, *spatial)`` class indices when C >= 2.
         include_background: score channel 0 too. Ignored for C = 1, whose channel is the foreground and is always
             scored.
+        ignore_empty: False (the evaluation rule): a class absent from both prediction and label scores 1; True: a
+            class absent from the label scores NaN (for means over the images that contain it, e.g. "Dice over
+            images with a lesion"). MONAI's ``ignore_empty`` argument.
 
     Returns:
-        ``(dice, iou)``, each ``(B, C')`` with ``C' = C`` (C = 1 or ``include_background``) or ``C - 1``; a class absent
-        from both prediction and label scores 1.
+        ``(dice, iou)``, each ``(B, C')`` with ``C' = C`` (C = 1 or ``include_background``) or ``C - 1``.
 
     Example:
         >>> p = torch.tensor([[[[1., 1., 0., 0.]]]]); y = torch.tensor([[[[1., 0., 0., 0.]]]])
@@ -98,8 +101,8 @@ def segmentation_scores(
             raise ValueError(f"{name} must be binarised (0/1 values); use binarize() on logits.")
     pred, label = pred.float(), label.float()
     include = bool(include_background) or c == 1
-    dice = compute_dice(pred, label, include_background=include, ignore_empty=False)
-    iou = compute_iou(pred, label, include_background=include, ignore_empty=False)
+    dice = compute_dice(pred, label, include_background=include, ignore_empty=ignore_empty)
+    iou = compute_iou(pred, label, include_background=include, ignore_empty=ignore_empty)
     return dice.float(), iou.float()
 
 

@@ -100,9 +100,9 @@ class AlignmentValidation:
                           for name, what in zip(FACT_KEYS, ("count+sides", "count+sides+zones"))
                           if math.isfinite(metrics.get(f"i2t_{name}_r1", float("nan"))))
         logger.info("epoch %d stage-1 validation (%d images, %d distinct reports): %s; same facts %s; localisation "
-                    "AUC %.3f, text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
+                    "AUC %.3f, initial text-mask Dice %.3f (all-ones mask %.3f); alignment %.3f", epoch, metrics["n_images"],
                     metrics["n_reports"], r, facts or "n/a (labels not binary)", metrics["loc_auc"],
-                    metrics["text_mask_dice"], metrics["ones_dice"], metrics["alignment"])
+                    metrics["initial_mask_dice"], metrics["ones_dice"], metrics["alignment"])
         value = metrics[self.key_metric]
         if self.best is None or (math.isfinite(value) and value > self.best["value"]):
             self.best = {"epoch": epoch, "metric": self.key_metric, "value": value, "metrics": metrics}

@@ -159,9 +159,8 @@ class PseudoLabelQuality:
                     preds["fused"] = self.guidance.fuse(logits, masks, multiclass=False) > 0.5
                 present = y.flatten(1).any(1)
                 for name, p in preds.items():
-                    inter = (p & y).flatten(1).sum(1).float()
-                    dice = 2 * inter / (p.flatten(1).sum(1) + y.flatten(1).sum(1)).clamp_min(1)
-                    sums.setdefault(f"pseudo_{name}_dice", []).extend(dice[present].tolist())
+                    dice, _ = segmentation_scores(p.float(), y.float(), ignore_empty=True)  # NaN: no lesion
+                    sums.setdefault(f"pseudo_{name}_dice", []).extend(dice[present, 0].tolist())
                     sums.setdefault(f"pseudo_{name}_fg", []).extend(p.flatten(1).float().mean(1).tolist())
                 sums.setdefault("pseudo_label_fg", []).extend(y.flatten(1).float().mean(1).tolist())
         finally:

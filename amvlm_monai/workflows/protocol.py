@@ -351,7 +351,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], work: str | os.PathLike, alpha:
             lines.append(f"| {a['seed']} | {a['checkpoint']} | {a['epoch']} | {r('i2t_r1')} | {r('i2t_r5')} | "
                          f"{r('t2i_r1')} | {r('t2i_r5')} | {r('i2t_fact_r1')} | {r('t2i_fact_r1')} | "
                          f"{a['loc_auc']:.3f} | "
-                         f"{a['text_mask_dice']:.3f} / {a['ones_dice']:.3f} |")
+                         f"{a['initial_mask_dice']:.3f} / {a['ones_dice']:.3f} |")
     text = "\n".join(lines) + "\n"
     (work / "results.md").write_text(text)
     return text
