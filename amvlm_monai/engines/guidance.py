@@ -17,6 +17,7 @@ from torch import nn
 
 from amvlm_monai.losses.semi import fuse_pseudo_labels
 from amvlm_monai.networks.mask_generator import TextMaskGenerator
+from amvlm_monai.utils.shapes import spatial_size
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ class PatchEncoder(nn.Module):
         self.head = amvlm.image_local
         self.dtype = dtype
         size = amvlm.config["image_size"]
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = spatial_size(size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.size:

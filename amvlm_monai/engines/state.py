@@ -31,7 +31,7 @@ from torch import nn
 
 from amvlm_monai.io.checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint
 from amvlm_monai.utils.args import as_bool
-from amvlm_monai.utils.distributed import rank, unwrap
+from amvlm_monai.utils.distributed import is_main_process, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class TrainingState:
         if earlier:
             logger.warning(f"--overwrite: starting afresh; {', '.join(map(str, earlier))} from an earlier run "
                            "will be replaced.")
-            if rank() == 0:
+            if is_main_process():
                 for p in states:
                     p.unlink(missing_ok=True)
         elif self.resume:
@@ -308,7 +308,7 @@ class TrainingState:
         logger.info(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}.")
 
     def save(self, engine) -> None:
-        if engine.state.iteration == self._saved_iteration or rank() != 0:
+        if engine.state.iteration == self._saved_iteration or not is_main_process():
             return
         state = {k: unwrap(obj, parallel_only=True).state_dict() for k, obj in self.objects.items()}
         path = atomic_save(state, self.save_dir / f"{self.prefix}_epoch={engine.state.epoch}.pt")

@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from amvlm_monai.handlers.panels import PanelSampler, _safe, render_panels
+from amvlm_monai.utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ def mlflow_is_not_rank0() -> bool:
     if importlib.util.find_spec("mlflow") is None:
         logger.error(MLFLOW_MISSING)
         raise ImportError(MLFLOW_MISSING)
-    import torch.distributed as dist
-
-    return bool(dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
+    return not is_main_process()
 
 
 def _handlers_of(engine: Engine) -> list:

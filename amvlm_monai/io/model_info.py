@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from amvlm_monai.utils.errors import DataError
+from amvlm_monai.utils.shapes import spatial_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,6 @@ def info_path(model: str | os.PathLike) -> Path:
     """``model_info.json`` beside a model file (or inside a folder)."""
     model = Path(model)
     return model / INFO_NAME if model.is_dir() else model.with_name(INFO_NAME)
-
-
-def _size(image_size) -> list[int]:
-    size = [image_size, image_size] if isinstance(image_size, int) else [int(s) for s in image_size]
-    if len(size) != 2 or not all(s > 0 for s in size):
-        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}.")
-    return size
 
 
 def make_model_info(network: Mapping[str, Any], image_size: int | Sequence[int], multiclass: bool = False,
@@ -88,7 +82,7 @@ def make_model_info(network: Mapping[str, Any], image_size: int | Sequence[int],
         "format": FORMAT,
         "version": _VERSION,
         "network": network,
-        "image_size": _size(image_size),
+        "image_size": list(spatial_size(image_size)),
         "in_channels": network["in_channels"],
         "out_channels": network["out_channels"],
         "unet_size": network.get("size"),

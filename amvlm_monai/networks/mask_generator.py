@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amvlm_monai.utils.shapes import spatial_size
+
 __all__ = ["GatedUpBlock", "TextMaskGenerator"]
 
 
@@ -81,9 +83,7 @@ class TextMaskGenerator(nn.Module):
         super().__init__()
         if not isinstance(patch_encoder, nn.Module):
             raise ValueError(f"patch_encoder must be an nn.Module, got {type(patch_encoder).__name__}.")
-        grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
-            raise ValueError(f"grid_size must be a positive int or a pair (h, w), got {grid_size!r}.")
+        grid = spatial_size(grid_size, "grid_size")
         if not isinstance(embed_dim, int) or embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}.")
         if not isinstance(num_blocks, int) or num_blocks < 0:

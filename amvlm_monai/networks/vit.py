@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amvlm_monai.networks.outputs import TokenOutput
+from amvlm_monai.utils.shapes import spatial_size
 
 __all__ = ["ViTEncoder", "Attention", "Block", "VIT_PRESETS"]
 
@@ -43,15 +44,6 @@ VIT_PRESETS: dict[str, dict[str, Any]] = {
 
 # timm/DeiT keys that carry no image-encoder weights and are skipped by ``load_timm_state_dict``.
 _IGNORED_PREFIXES = ("head.", "head_dist.")
-
-
-def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v}.")
-    return v  # type: ignore[return-value]
 
 
 class Attention(nn.Module):
@@ -216,7 +208,7 @@ class ViTEncoder(nn.Module):
                  mlp_dim: int = 3072, dropout_rate: float = 0.0, qkv_bias: bool = True,
                  patch_embed: str = "linear") -> None:
         super().__init__()
-        img, patch = _pair(img_size, "img_size"), _pair(patch_size, "patch_size")
+        img, patch = spatial_size(img_size, "img_size"), spatial_size(patch_size, "patch_size")
         if patch_embed not in ("linear", "conv"):
             raise ValueError(f"patch_embed must be 'linear' or 'conv', got {patch_embed!r}.")
         if img[0] % patch[0] or img[1] % patch[1]:

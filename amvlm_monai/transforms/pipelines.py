@@ -30,13 +30,10 @@ from monai.transforms import (
 
 from amvlm_monai.io.clinical import CheckFinited, Load2Dd
 from amvlm_monai.transforms.views import BinarizeLabeld, CheckTextd, LabelIndexd, TextViewd, ToColord, ToGrayscaled
+from amvlm_monai.utils.shapes import spatial_size
 
 __all__ = ["load_image_chain", "pretrain_transforms", "segmentation_transforms", "inference_transforms",
            "mask_postprocessing"]
-
-
-def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # type: ignore[return-value]
 
 
 def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label_key: str | None = None,
@@ -70,7 +67,7 @@ def load_image_chain(keys: Sequence[str], image_size: int | Sequence[int], label
     if label_key is not None:
         chain.append(LabelIndexd(keys=label_key, num_classes=num_classes) if multiclass else BinarizeLabeld(keys=label_key))
     chain += [
-        Resized(keys=keys, spatial_size=_size(image_size), mode=modes),
+        Resized(keys=keys, spatial_size=spatial_size(image_size), mode=modes),
         ScaleIntensityd(keys=img_keys, minv=0.0, maxv=1.0),
     ]
     return chain
