@@ -45,24 +45,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward: the gradients of every rank's copy are summed, this rank's rows returned."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss sent gradient to every rank's rows
-        start = dist.get_rank() * ctx.rows
-        return grad[start: start + ctx.rows]
-
-
 def _check_equal_rows(x: torch.Tensor) -> None:
     rows = torch.tensor([x.shape[0]], device=x.device)
     every = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
@@ -82,6 +64,35 @@ def gather_with_grad(x: torch.Tensor, check: bool = True) -> tuple[torch.Tensor,
     if check:
         _check_equal_rows(x)
     return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward: a reduce-scatter, so each rank receives the sum over ranks of its own rows'
+    gradient (``B`` rows, not the ``W * B`` of an all-reduce).
+
+    Not ``torch.distributed.nn.functional.all_gather``: deprecated in torch 2.13, and on gloo its backward passes
+    non-contiguous gradient slices to ``all_to_all``, which gave wrong gradients here (the 2-process equality test of
+    ``tests/test_distributed.py`` failed at the second step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        chunks = list(grad.split(ctx.rows))  # gloo has no reduce-scatter: all-to-all, then the sum
+        received = [torch.empty_like(c) for c in chunks]
+        dist.all_to_all(received, chunks)
+        return torch.stack(received).sum(0)
 
 
 @torch.no_grad()
