@@ -120,6 +120,8 @@ def test_pretrainer_trains_logs_every_term_and_saves(tiny_amvlm, demo_data, tmp_
     from monai.data import DataLoader, Dataset
 
     from amvlm_monai.data.datalist import load_datalist
+    from monai.engines.utils import IterationEvents
+
     from amvlm_monai.engines.pretrainer import AMVLMPretrainer
     from amvlm_monai.engines.step import trainable_parameters
     from amvlm_monai.networks.amvlm import load_amvlm
@@ -135,8 +137,19 @@ def test_pretrainer_trains_logs_every_term_and_saves(tiny_amvlm, demo_data, tmp_
     trainer = AMVLMPretrainer("cpu", 2, loader, tiny_amvlm, opt, AMVLMLoss(), epoch_length=2,
                               train_handlers=[SavePretrained(str(ckpt), tiny_amvlm, opt)])
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    probe = next(tiny_amvlm.image_global.parameters())
+    at_backward = []  # as MONAI's trainers: BACKWARD_COMPLETED sees the gradients, before the optimiser step
+
+    def backward_completed(engine):
+        at_backward.append((probe.grad is not None, probe.detach().clone()))
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, backward_completed)
+    steps = []
+    trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda e: steps.append(probe.detach().clone()))
     trainer.run()
-    assert len(outputs) == 4
+    assert len(outputs) == 4 and len(at_backward) == 4
+    assert all(has_grad for has_grad, _ in at_backward)
+    assert torch.equal(at_backward[1][1], steps[0]) and not torch.equal(at_backward[1][1], steps[1])
     assert {"loss", "ita", "css", "local", "icl", "icl_fine_text"} <= set(outputs[0])
     assert all(math.isfinite(o["loss"]) for o in outputs)
     after = next(tiny_amvlm.image_global.parameters())

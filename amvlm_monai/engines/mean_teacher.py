@@ -219,8 +219,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
         terms["loss"] = loss
         check_finite(terms, batch_names(batchdata))
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.step(loss)
+        engine.step.backward(loss)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.step.update()
         if engine.teacher is not None:
             student = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
             ema_update(engine.teacher, student, engine.state.iteration, engine.ema_max_alpha,

@@ -102,8 +102,9 @@ class AMVLMPretrainer(SupervisedTrainer):
             terms = engine.objective(images, tokens, images_aug, tokens_aug)
         check_finite(terms, batch_names(batchdata))
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.step(terms["loss"])
+        engine.step.backward(terms["loss"])
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.step.update()
         model.update_momentum()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         logged = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor) and v.numel() == 1}

@@ -49,7 +49,7 @@ def scalars(terms: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 class OptimStep:
-    """Backward (through a grad scaler for float16), optional gradient-norm clipping, the optimiser step, and the
+    """Backward (through a grad scaler for float16); then optional gradient-norm clipping, the optimiser step, and the
     gradients released (``set_to_none``) right after it, so that they do not occupy memory during the next forward.
 
     Args:
@@ -77,33 +77,31 @@ class OptimStep:
         return autocast(device, self.dtype)
 
     def clip(self) -> Optional[torch.Tensor]:
-        """Scale the gradients to norm ``grad_clip`` when their total norm exceeds it; returns the total norm.
+        """``clip_grad_norm_`` to ``grad_clip``; returns the total norm (None when not clipping).
 
-        Same result as ``clip_grad_norm_`` (which multiplies every gradient by ``min(1, max / norm)``), without the
-        pass over all gradients when the factor is 1; non-finite norms raise before the optimiser steps.
+        A non-finite norm raises before the optimiser steps, except under a float16 grad scaler, which skips such a
+        step itself.
         """
         if self.grad_clip is None:
             return None
         params = [p for p in self.params if p.grad is not None]
         if not params:
             return None
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.scaler is not None:  # non-finite norms are the scaler's business: it skips the step
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-            return norm
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm ({float(norm)}); lower the learning rate or check "
-                                     "the inputs.")
-        if self.grad_clip / (float(norm) + 1e-6) < 1.0:  # clip_grad_norm_'s factor, applied only when below 1
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-        return norm
+        try:
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip, error_if_nonfinite=self.scaler is None)
+        except RuntimeError as e:
+            if "non-finite" not in str(e):
+                raise
+            raise FloatingPointError("non-finite gradient norm; lower the learning rate or check the inputs.") from None
 
-    def __call__(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, scaled under float16 (the gradients are unscaled at :meth:`update`)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self) -> None:
+        """Clip, step and release the gradients (after the engine's ``BACKWARD_COMPLETED`` handlers ran)."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         self.clip()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -111,6 +109,11 @@ class OptimStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        """:meth:`backward` then :meth:`update`, for callers without events."""
+        self.backward(loss)
+        self.update()
 
 
 def param_groups(model: torch.nn.Module, lr: float, text_lr: float, text_prefix: str = "text_encoder.") -> list[dict]:
