@@ -192,7 +192,8 @@ def test_mlflow_tracking_without_mlflow_says_what_to_install(monkeypatch):
 
 
 def test_tensorboard_handler_logs_terms_lr_and_the_validators_metrics_and_panels(tmp_path):
-    """With no evaluator given, the validator of the trainer's ValidationHandler is found and logged."""
+    """The evaluator of MONAI's ValidationHandler, given with evaluator_metrics: its metrics and panels are logged at
+    the trainer's epoch, panels tagged with the name of the network it validated."""
     from amvlm_monai.handlers.metrics import SegmentationMetric
     from amvlm_monai.handlers.tracking import TensorBoardHandler
     from ignite.engine import Engine
@@ -213,7 +214,8 @@ def test_tensorboard_handler_logs_terms_lr_and_the_validators_metrics_and_panels
 
     trainer = Engine(step)
     ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
-    TensorBoardHandler(str(tmp_path), optimizer=opt, num_panels=2).attach(trainer)
+    TensorBoardHandler(str(tmp_path), optimizer=opt, evaluator=evaluator, evaluator_metrics=True, num_panels=2,
+                       networks={"other": torch.nn.Identity(), "student": net}).attach(trainer)
     trainer.run([0, 1, 2], max_epochs=2)
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
@@ -222,8 +224,8 @@ def test_tensorboard_handler_logs_terms_lr_and_the_validators_metrics_and_panels
     assert "train/label" not in tags["scalars"]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
     assert [e.step for e in acc.Scalars("validation/val_mean_dice")] == [1, 2]  # the trainer's epoch
-    assert sorted(tags["images"]) == ["validation_panels/a", "validation_panels/b"]
-    assert [e.step for e in acc.Images("validation_panels/a")] == [1, 2]
+    assert sorted(tags["images"]) == ["validation_panels/student/a", "validation_panels/student/b"]
+    assert [e.step for e in acc.Images("validation_panels/student/a")] == [1, 2]
 
 
 def test_panel_shows_a_png_the_way_round_the_file_is(tmp_path):
@@ -250,3 +252,23 @@ def test_panel_shows_a_png_the_way_round_the_file_is(tmp_path):
     assert (rows.mean() - top) / (bottom - top) < 0.3 and (cols.mean() - left) / (right - left) > 0.6
     flipped = vis.segmentation_panel(item["image"], item["label"], xy=False)
     assert not np.array_equal(flipped, pic)
+
+
+def test_handlers_attach_once(tmp_path):
+    """Attaching a handler twice (a config that lists it twice, or a workflow that attaches it again) runs it once."""
+    from ignite.engine import Engine
+
+    from amvlm_monai.handlers.selection import SelectBestModel
+
+    calls = []
+
+    class Counting(SelectBestModel):
+        def __call__(self, engine):
+            calls.append(engine.state.epoch)
+
+    handler = Counting(validator=None, networks={"student": torch.nn.Identity()}, save_dir=str(tmp_path))
+    trainer = Engine(lambda e, b: None)
+    handler.attach(trainer)
+    handler.attach(trainer)
+    trainer.run([0], max_epochs=2)
+    assert calls == [1, 2]

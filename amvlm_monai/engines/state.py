@@ -241,6 +241,8 @@ class TrainingState:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        if engine.has_event_handler(self.start, Events.STARTED):
+            return
         engine.add_event_handler(Events.STARTED, self.start)
         if self.interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)

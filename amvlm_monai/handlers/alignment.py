@@ -81,7 +81,8 @@ class AlignmentValidation:
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Any) -> None:
         from amvlm_monai.handlers.checkpoint import save_pretrained

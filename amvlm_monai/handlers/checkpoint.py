@@ -68,8 +68,9 @@ class SaveModelInfo:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self.check)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.STARTED, self.check)
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
 
     def check(self, engine=None) -> None:
         """The folder can be written and the record describes the network being trained."""
@@ -104,7 +105,8 @@ class LoadModel:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self)
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine=None) -> None:
         state = load_state(self.load_path)
@@ -142,6 +144,8 @@ class SavePretrained:
         self.interval = max(1, int(interval))
 
     def attach(self, engine: Engine) -> None:
+        if engine.has_event_handler(self, Events.COMPLETED):
+            return
         engine.add_event_handler(Events.STARTED, lambda _: clean_stale_tmp(os.path.dirname(os.path.abspath(self.path))))
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)

@@ -136,7 +136,8 @@ class PseudoLabelQuality:
         self.interval = max(1, int(interval))
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     @torch.no_grad()
     def scores(self, device: torch.device | str) -> dict[str, float]:

@@ -183,6 +183,8 @@ class SavePanels:
         self.guidance = guidance
 
     def attach(self, engine: Engine) -> None:
+        if engine.has_event_handler(self, Events.COMPLETED):
+            return
         engine.add_event_handler(Events.STARTED, self.sampler.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.sampler.update)
         engine.add_event_handler(Events.COMPLETED, self)

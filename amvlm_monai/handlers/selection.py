@@ -60,7 +60,8 @@ class SelectBestModel:
         self.best: Optional[dict] = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def validate(self, epoch: int) -> dict[str, dict[str, float]]:
         """Run the validator on each network; name -> its metrics."""

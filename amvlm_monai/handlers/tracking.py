@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -40,8 +40,12 @@ class TensorBoardHandler:
     Args:
         log_dir: the event-file folder (``tensorboard --logdir`` on it or on a parent).
         optimizer: its learning rates are logged (``lr/group_<i>``), or None.
-        evaluator: the validation engine whose images make the panels (default: the validator of the trainer's
-            ``ValidationHandler``, if any).
+        evaluator: the validation engine whose images make the panels, or None.
+        networks: name -> network that ``evaluator`` validates (e.g. student and teacher): its panels are tagged with
+            the name of the network it ran; None tags none.
+        evaluator_metrics: also log ``evaluator``'s own metrics after each of its runs (for runs that validate with
+            MONAI's ``ValidationHandler``, whose metrics stay on the evaluator; this package's model selection and
+            stage-1 validation put theirs in the trainer's ``state.metrics``, which is always logged).
         guidance: a TextGuidance for the panels' text masks, or None.
         num_panels: validation images shown as panels (0: none).
         multiclass: class-index labels and arg-max predictions in the panels.
@@ -52,7 +56,8 @@ class TensorBoardHandler:
     def __init__(self, log_dir: str, optimizer: Optional[torch.optim.Optimizer] = None,
                  evaluator: Optional[Engine] = None, guidance: Optional[torch.nn.Module] = None,
                  num_panels: int = 4, multiclass: bool = False, every_n_iterations: int = 1,
-                 output_transform: Optional[Callable] = None) -> None:
+                 output_transform: Optional[Callable] = None, networks: Optional[Mapping[str, torch.nn.Module]] = None,
+                 evaluator_metrics: bool = False) -> None:
         self.log_dir = os.fspath(log_dir)
         self.optimizer = optimizer
         self.evaluator = evaluator
@@ -61,8 +66,9 @@ class TensorBoardHandler:
         self.multiclass = multiclass
         self.every = max(1, int(every_n_iterations))
         self.output_transform = output_transform or _scalars
+        self.networks = dict(networks or {})
+        self.evaluator_metrics = bool(evaluator_metrics)
         self.logger = None
-        self._hooked = False
 
     def attach(self, trainer: Engine) -> None:
         from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
@@ -74,41 +80,33 @@ class TensorBoardHandler:
         if self.optimizer is not None:
             tb.attach(trainer, OptimizerParamsHandler(self.optimizer, param_name="lr"),
                       event_name=Events.ITERATION_STARTED(every=self.every))
-        trainer.add_event_handler(Events.STARTED, self._hook_validation)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_metrics)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: tb.writer.flush())
         trainer.add_event_handler(Events.COMPLETED, lambda e: tb.close())
+        evaluator = self.evaluator
+        if evaluator is None:
+            return
+        if self.evaluator_metrics:
+            from ignite.handlers.tensorboard_logger import global_step_from_engine
+
+            tb.attach(evaluator, OutputHandler(tag="validation", metric_names="all",
+                                               global_step_transform=global_step_from_engine(trainer)),
+                      event_name=Events.COMPLETED)
+        if self.sampler is not None:
+            evaluator.add_event_handler(Events.STARTED, self.sampler.reset)
+            evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.sampler.update)
+            evaluator.add_event_handler(Events.COMPLETED, lambda e: self._panels(trainer, e))
 
     def _epoch_metrics(self, trainer: Engine) -> None:
         for name, value in _scalars(dict(trainer.state.metrics)).items():
             self.logger.writer.add_scalar(f"validation/{name}", value, trainer.state.epoch)
 
-    def _hook_validation(self, trainer: Engine) -> None:
-        """At the run's start, once the trainer has all its handlers: find a ValidationHandler's validator."""
-        if self._hooked:
-            return
-        self._hooked = True
-        from ignite.handlers.tensorboard_logger import OutputHandler, global_step_from_engine
-
-        validators = [h.validator for h in _handlers_of(trainer) if type(h).__name__ == "ValidationHandler"]
-        validators = [v for v in validators if v is not None]
-        if validators:  # its metrics stay on the validator: log them after each of its runs
-            step = global_step_from_engine(trainer)
-            self.logger.attach(validators[0], OutputHandler(tag="validation", metric_names="all",
-                                                            global_step_transform=step), event_name=Events.COMPLETED)
-        evaluator = self.evaluator if self.evaluator is not None else (validators[0] if validators else None)
-        if evaluator is not None and self.sampler is not None:
-            evaluator.add_event_handler(Events.STARTED, self.sampler.reset)
-            evaluator.add_event_handler(Events.ITERATION_COMPLETED, self.sampler.update)
-            evaluator.add_event_handler(Events.COMPLETED, lambda e: self._panels(trainer, e))
-
     def _panels(self, trainer: Engine, evaluator: Engine) -> None:
         prefix = "validation_panels/"
         network = getattr(evaluator, "network", None)
-        for owner in _handlers_of(trainer):  # the run validates several networks (student, teacher): name them
-            for name, net in (getattr(owner, "networks", None) or {}).items():
-                if net is network:
-                    prefix = f"validation_panels/{name}/"
+        for name, net in self.networks.items():  # the run validates several networks (student, teacher): name them
+            if net is network:
+                prefix = f"validation_panels/{name}/"
         for info, picture in render_panels(self.sampler.items(), self.multiclass, self.guidance):
             self.logger.writer.add_image(prefix + _safe(info["id"]), picture, global_step=trainer.state.epoch,
                                          dataformats="HWC")
@@ -134,7 +132,9 @@ def mlflow_is_not_rank0() -> bool:
 
 def _handlers_of(engine: Engine) -> list:
     """The objects whose methods are attached to ``engine`` (handler instances such as ``ValidationHandler`` or
-    ``MLFlowHandler``). ignite has no public way to list an engine's handlers, hence ``engine._event_handlers``."""
+    ``MLFlowHandler``). ignite has no public way to list an engine's handlers, hence ``engine._event_handlers``: the
+    one place that reads it, for :class:`TrackingOutputs`, which has no other way to reach handlers that MONAI's
+    ``--tracking`` adds to the config."""
     owners, seen = [], set()
     for entries in getattr(engine, "_event_handlers", {}).values():
         for entry in entries:
@@ -162,10 +162,12 @@ class TrackingOutputs:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        from monai.handlers import MLFlowHandler
+
         sample = {"loss": 1.0}
         for owner in _handlers_of(engine):
             transform = getattr(owner, "output_transform", None)
-            if type(owner).__name__ != "MLFlowHandler" or transform is None or transform is _scalars:
+            if not isinstance(owner, MLFlowHandler) or transform is None or transform is _scalars:
                 continue
             try:
                 good = isinstance(transform(sample), (int, float, dict, torch.Tensor))
