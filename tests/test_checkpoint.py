@@ -256,6 +256,26 @@ def _engine(metric):
     return engine
 
 
+def test_states_rotate_across_a_resume(tmp_path):
+    """n_saved latest states are kept, those of the run before a resume included (ignite's Checkpoint rotation)."""
+    from ignite.engine import Engine
+
+    from amvlm_monai.engines.state import TrainingState
+
+    lin = torch.nn.Linear(2, 1)
+
+    def run(max_epochs, resume):
+        engine = Engine(lambda e, b: None)
+        TrainingState(tmp_path, {"network": lin}, n_saved=2, resume=resume).attach(engine)
+        engine.run([0, 1], max_epochs=max_epochs)
+        return sorted(os.listdir(tmp_path))
+
+    assert run(3, False) == ["train_state_epoch=2.pt", "train_state_epoch=3.pt"]
+    assert run(5, True) == ["train_state_epoch=4.pt", "train_state_epoch=5.pt"]
+    state = torch.load(tmp_path / "train_state_epoch=5.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 10 and set(state["network"]) == {"weight", "bias"}
+
+
 def test_a_fresh_run_does_not_replace_an_earlier_runs_outputs_unless_told(tmp_path):
     from amvlm_monai.engines.state import TrainingState
 

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
 from amvlm_monai.io.checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint
@@ -185,6 +186,22 @@ class _EngineState:
             self.engine.state.max_epochs = max_epochs
 
 
+class _AtomicSaver(BaseSaveHandler):
+    """ignite's save handler for :class:`TrainingState`: :func:`~amvlm_monai.io.checkpoint.atomic_save` into a
+    folder, on the main process only."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Optional[Mapping] = None) -> None:
+        if is_main_process():
+            atomic_save(checkpoint, self.folder / filename)
+
+    def remove(self, filename: str) -> None:
+        if is_main_process():
+            (self.folder / filename).unlink(missing_ok=True)
+
+
 class TrainingState:
     """Trainer handler: a resumable state every ``interval`` epochs, and ``resume`` from the latest one.
 
@@ -266,12 +283,20 @@ class TrainingState:
         self.objects["trainer"] = _EngineState(engine)
 
     def start(self, engine) -> None:
+        from ignite.handlers import Checkpoint
+
         self._complete(engine)
         clean_stale_tmp(self.save_dir)
+        self.checkpoint = Checkpoint(self.objects, _AtomicSaver(self.save_dir), filename_prefix=self.prefix,
+                                     n_saved=self.n_saved, global_step_transform=lambda e, _: e.state.epoch,
+                                     filename_pattern="{filename_prefix}_epoch={global_step}.{ext}")
         states = self.states()
         earlier = [p for p in self.outputs if p.exists()] + states
         if self.resume and states:
             self.load(states[-1], engine)
+            # the states already on disk take part in the rotation of those this run saves
+            self.checkpoint.load_state_dict({"_saved": [(int(re.search(r"=(\d+)\.pt$", p.name).group(1)), p.name)
+                                                       for p in states]})
             return
         if earlier and not self.overwrite:
             hint = ("there is no state to resume from (" + self.prefix + "_epoch=N.pt)" if self.resume else
@@ -310,12 +335,8 @@ class TrainingState:
         logger.info(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}.")
 
     def save(self, engine) -> None:
-        if engine.state.iteration == self._saved_iteration or not is_main_process():
+        if engine.state.iteration == self._saved_iteration:
             return
-        state = {k: unwrap(obj, parallel_only=True).state_dict() for k, obj in self.objects.items()}
-        path = atomic_save(state, self.save_dir / f"{self.prefix}_epoch={engine.state.epoch}.pt")
+        self.checkpoint(engine)  # ignite's rotation of the n_saved latest states, written by _AtomicSaver
         self._saved_iteration = engine.state.iteration
-        for old in self.states()[: -self.n_saved]:
-            if old != path:
-                old.unlink(missing_ok=True)
-        logger.info(f"saved the training state {path}")
+        logger.info(f"saved the training state {self.save_dir / self.checkpoint.last_checkpoint}")
