@@ -456,6 +456,11 @@ def _shown(values: Sequence, limit: int = 8) -> str:
     return "{" + ", ".join(text) + (", ..." if len(values) > limit else "") + "}"
 
 
+def _plain(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A plain tensor of ``x`` (a copy of a NumPy array, which may be a read-only view of a PIL image)."""
+    return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x).as_subclass(torch.Tensor)
+
+
 def _name_of(mask, name: PathLike | None) -> str:
     return str(name if name is not None else (getattr(mask, "meta", None) or {}).get("filename_or_obj", "mask"))
 
@@ -477,12 +482,11 @@ def mask_channel(mask: torch.Tensor | np.ndarray, name: PathLike | None = None) 
     if c == 1:
         return mask
     if mask.ndim == 3 and c == 3:
-        t = torch.as_tensor(np.asarray(mask)) if isinstance(mask, np.ndarray) else torch.as_tensor(mask).as_subclass(
-            torch.Tensor)
+        t = _plain(mask)
         if bool((t[0] == t[1]).all()) and bool((t[0] == t[2]).all()):
             return mask[:1]
         colours = torch.unique(t.reshape(3, -1), dim=1).T  # (K, 3)
-        others = colours[colours.abs().sum(1) > 0]
+        others = colours[(colours != 0).any(1)]
         if len(others) > 1:
             raise ValueError(f"{_name_of(mask, name)}: mask colours {_shown(colours.tolist())} are not binary: a "
                              "colour mask holds black (background) and one colour (foreground); save a label map of "
@@ -511,7 +515,7 @@ def binary_mask(mask: torch.Tensor | np.ndarray, name: PathLike | None = None) -
         [[[0.0, 1.0], [1.0, 0.0]]]
     """
     one = mask_channel(mask, name)
-    values = torch.unique(torch.as_tensor(np.asarray(one) if isinstance(one, np.ndarray) else one)).tolist()
+    values = torch.unique(_plain(one)).tolist()
     if not any(set(values) <= set(ok) for ok in BINARY_MASK_VALUES):
         raise ValueError(f"{_name_of(mask, name)}: mask values {_shown(values)} are not binary: expected 0/1, 0/255 or "
                          "0/65535 (binarise it, e.g. mask > 0, and save it losslessly as PNG or NIfTI).")
@@ -532,14 +536,15 @@ def label_indices(mask: torch.Tensor | np.ndarray, name: PathLike | None = None,
     c = mask.shape[0]
     if mask.ndim == 3 and c in (2, 4):
         mask, c = mask[: c - 1], c - 1
-    lab = torch.as_tensor(np.asarray(mask)) if isinstance(mask, np.ndarray) else mask
+    lab = torch.from_numpy(np.array(mask)) if isinstance(mask, np.ndarray) else mask
+    lab = lab if lab.is_floating_point() else lab.float()  # 16-bit and bool labels: float, as MONAI loads them
     if c == 3 and mask.ndim == 3 and bool((lab[0] == lab[1]).all()) and bool((lab[0] == lab[2]).all()):
         lab, c = lab[:1], 1
     if c != 1:
         raise ValueError(f"{_name_of(mask, name)}: a multi-class label needs one channel of class indices (grey or "
                          f"palette PNG, NIfTI), found {c} channels that differ.")
     if not torch.equal(lab, lab.round()):
-        values = torch.unique(torch.as_tensor(lab)).tolist()
+        values = torch.unique(_plain(lab)).tolist()
         raise ValueError(f"{_name_of(mask, name)}: multi-class label values {_shown(values)} are not whole class "
                          "indices.")
     if num_classes is not None and (lab.min() < 0 or lab.max() >= num_classes):

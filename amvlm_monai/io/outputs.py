@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -84,11 +84,13 @@ def output_paths(inputs: Sequence[PathLike], output_dir: PathLike, suffix: str,
     """
     rel = relative_names(inputs, anchors)
     stems = [stem(p) for p in inputs]
-    same = Counter((r.parent.as_posix().casefold(), s.casefold()) for r, s in zip(rel, stems))
+    exts: dict[tuple[str, str], set[str]] = defaultdict(set)  # (folder, stem) -> the extensions it has there
+    for r, s in zip(rel, stems):
+        exts[(r.parent.as_posix().casefold(), s.casefold())].add(r.name[len(s):].casefold())
     names = []
     for r, s in zip(rel, stems):
         ext = r.name[len(s):]
-        if same[(r.parent.as_posix().casefold(), s.casefold())] > 1 and ext:
+        if len(exts[(r.parent.as_posix().casefold(), s.casefold())]) > 1 and ext:
             s = f"{s}_{ext.lstrip('.').replace('.', '_')}"
         names.append(r.parent / f"{s}{suffix}")
     seen: dict[str, PathLike] = {}
