@@ -136,6 +136,10 @@ def test_volume_folder_of_nifti_files_and_of_dicom_series_folders(model, tmp_pat
     captured = capsys.readouterr()
     assert "1 file in the input folders is neither NIfTI nor in a DICOM series folder, skipped: " in captured.err
     assert str(study / "b.json") in captured.err
+    for _ in range(2):  # an output folder inside the input folder is not read as input on the next run
+        inside = main(volume_args(model, [study], study / "preds", "--overwrite"))
+        assert inside == [study / "preds" / p.relative_to(tmp_path / "out") for p in written]
+    capsys.readouterr()
     dicoms = tmp_path / "dicoms"
     dicom_series(dicoms / "p01" / "series", 0)
     dicom_series(dicoms / "p02" / "series", 1)

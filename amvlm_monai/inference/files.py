@@ -102,13 +102,14 @@ def input_items(input: str | os.PathLike | Sequence[str | os.PathLike],
     return items
 
 
-def volume_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path], list[Path]]:
+def volume_inputs(inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None
+                  ) -> tuple[list[Path], list[Path], list[Path]]:
     """The inputs of volume inference: ``(inputs, anchors, skipped)``.
 
     A file (NIfTI, DICOM, image) or a DICOM series folder (one holding DICOM files) is itself an input, anchored at its
     folder. Any other folder gives the NIfTI files and the DICOM series folders found in it and its sub-folders
-    (sorted; hidden ones skipped; a series folder is not searched further), anchored at it, so that outputs keep
-    their paths relative to it; ``skipped`` lists the other files met there (e.g. JSON sidecars).
+    (sorted; hidden ones and ``output_dir`` skipped; a series folder is not searched further), anchored at it, so
+    that outputs keep their paths relative to it; ``skipped`` lists the other files met there (e.g. JSON sidecars).
 
     Raises:
         DataError: listing every input that does not exist, cannot be read as what it claims (an empty file, a
@@ -124,7 +125,7 @@ def volume_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
         path = Path(item)
         if path.is_dir() and not holds_dicom(path):
             units = []
-            for here, dirs, names in _walk(path):
+            for here, dirs, names in _walk(path, Path(output_dir) if output_dir is not None else None):
                 for d in list(dirs):
                     if holds_dicom(here / d):
                         units.append(here / d)

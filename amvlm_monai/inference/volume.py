@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     written = []
     with cli_errors():
-        inputs, anchors, skipped = volume_inputs(args.input)
+        inputs, anchors, skipped = volume_inputs(args.input, args.output)
         outputs = output_paths(inputs, args.output, SUFFIX, anchors)
         if not args.overwrite:
             refuse_existing(outputs, "--overwrite")
