@@ -329,10 +329,11 @@ def infer(size: int, batch: int, steps: int, volumes: int, depth: int) -> dict:
         vol = np.random.default_rng(0).normal(100, 30, (256, 256, depth)).astype(np.float32)
         path = os.path.join(tmp, "case.nii.gz")
         nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 3.0, 1.0])), path)
-        segment_volume(net, path, os.path.join(tmp, "out"), image_size=size, axis=2, modality="MR")  # warm-up
+        # a fresh folder per call: an existing output is refused (not replaced) by the current code
+        segment_volume(net, path, os.path.join(tmp, "warm"), image_size=size, axis=2, modality="MR")  # warm-up
         t = time.perf_counter()
-        for _ in range(volumes):
-            segment_volume(net, path, os.path.join(tmp, "out"), image_size=size, axis=2, modality="MR")
+        for k in range(volumes):
+            segment_volume(net, path, os.path.join(tmp, f"out{k}"), image_size=size, axis=2, modality="MR")
         out.update(s_per_volume=(time.perf_counter() - t) / volumes, volume_shape=[256, 256, depth])
     return out
 

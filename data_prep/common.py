@@ -19,6 +19,7 @@ from PIL import Image
 
 from amvlm_monai.data.datalist import ROOTS_KEY, write_datalist
 from amvlm_monai.data.splits import partition, write_splits
+from amvlm_monai.io.clinical import binary_mask
 from amvlm_monai.utils.errors import DataError
 from amvlm_monai.utils.progress import progress
 
@@ -39,6 +40,8 @@ __all__ = [
     "check_pair",
     "read_sheet",
     "check_binary_mask",
+    "mask_array",
+    "binary_mask_of",
     "LvitNames",
     "LVIT_SPLITS",
     "lvit_sheet",
@@ -203,21 +206,37 @@ def check_pair(image: Path, mask: Path, problems: list[str]) -> Image.Image | No
     return m if check_binary_mask(m, mask, problems) else None
 
 
-#: the values a binary mask may hold: {0, 1} or {0, 255} (a mask may hold only one of them)
-BINARY_VALUES = ((0, 1), (0, 255))
+def mask_array(mask: Image.Image) -> np.ndarray:
+    """A decoded mask as MONAI's ``LoadImage`` gives it to training, channel-first ``(C, H, W)``: a palette image as
+    its indices (never its colours), grey 8/16/32-bit and float as they are, LA/RGB/RGBA by channel (the mask rule
+    then drops alpha); other colour modes (CMYK, YCbCr) as RGB."""
+    if mask.mode not in ("1", "L", "P", "PA", "LA", "RGB", "RGBA", "I", "F") and not mask.mode.startswith("I;"):
+        mask = mask.convert("RGB")
+    arr = np.asarray(mask)
+    return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+
+
+def binary_mask_of(mask: Image.Image, path: Path) -> np.ndarray:
+    """The decoded ``mask`` as a ``(H, W)`` bool array by the project's one mask rule
+    (`amvlm_monai.io.clinical.binary_mask`, the rule training reads it by).
+
+    Raises:
+        ValueError: naming ``path`` and the values found when the mask is not binary.
+    """
+    return binary_mask(mask_array(mask), path)[0] > 0
 
 
 def check_binary_mask(mask: Image.Image, path: Path, problems: list[str]) -> bool:
-    """True when the decoded ``mask`` holds only 0/1 or only 0/255 (in every channel); otherwise a problem naming
-    ``path`` and the values found is appended (a mask with 0/1/7/128 would otherwise count 7 and 128 as lesion)."""
-    arr = np.asarray(mask.convert("L") if mask.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr") else mask)
-    values = np.unique(arr)
-    if any(set(values.tolist()) <= set(ok) for ok in BINARY_VALUES):
+    """True when the decoded ``mask`` is binary by the project's one mask rule (`binary_mask_of`: 0/1, 0/255 or
+    0/65535 in grey or palette indices, an RGB mask with equal channels, or black and one colour); otherwise a problem
+    naming ``path`` and the values found is appended (a mask with 0/1/7/128 would otherwise count 7 and 128 as
+    lesion)."""
+    try:
+        binary_mask_of(mask, path)
         return True
-    shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if values.size > 8 else "")
-    problems.append(f"{path}: mask values {{{shown}}} are not binary: expected 0/1 or 0/255 (binarise it, e.g. "
-                    "mask > 0, and save it losslessly as PNG)")
-    return False
+    except ValueError as e:
+        problems.append(str(e))
+        return False
 
 
 def read_sheet(path: Path, problems: list[str], required: Sequence[str] = ("Image", "Description")
@@ -289,8 +308,8 @@ def collect_lvit(root: Path, names: LvitNames, problems: list[str]) -> dict[str,
     ``{Train,Val,Test}_text.xlsx`` with columns ``Image`` and ``Description``, inside its split folder (as LViT
     distributes it) or in ``root`` (`lvit_sheet`). Problems (each naming its file) are appended to ``problems``:
     missing folders or spreadsheets, a row without an image, a mask or a description, an image or mask not listed, an
-    image listed twice, unreadable images, a mask whose size differs from its image's, mask values other than 0/1 or
-    0/255, an empty spreadsheet.
+    image listed twice, unreadable images, a mask whose size differs from its image's, a mask that is not binary
+    (`check_binary_mask`), an empty spreadsheet.
 
     Returns:
         ``{section: [{"image", "label", "text", "id"}]}``, ``id`` = the image file name without its extension.

@@ -8,8 +8,10 @@ From a folder::
     my_folder/reports/<name>.txt       optional: one report per image
 
 A mask belongs to the image with the same stem (``a.png`` / ``a.png``, ``a.jpg`` / ``a.png``), or is named
-``mask_<stem>`` or ``<stem>_mask``. Masks are binary, 0/1 or 0/255. An image without a report gets one written from
-its mask by `amvlm_monai.data.describe.describe_mask` (``--organ``, ``--finding``), e.g. "Unilateral pulmonary
+``mask_<stem>`` or ``<stem>_mask``. Masks are binary, as they are usually saved: grey 0/1, 0/255 or 0/65535 (8 or
+16 bit), palette PNGs (their indices 0/1, whatever the colours), RGB with equal channels, or black and one colour
+(`amvlm_monai.io.clinical.binary_mask`, the rule training reads them by). An image without a report gets one written
+from its mask by `amvlm_monai.data.describe.describe_mask` (``--organ``, ``--finding``), e.g. "Unilateral pulmonary
 infection, one infected area, small upper left lung."
 
 From a datalist (``--datalist list.json``): a JSON list of items, or an object with a ``training`` section (and
@@ -43,14 +45,13 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
-
 from amvlm_monai.data.describe import describe_mask
 from amvlm_monai.utils.errors import DataError, cli_errors, raise_if_problems
 
 from .common import (
     IMAGE_EXTS,
     SECTIONS,
+    binary_mask_of,
     check_fractions,
     check_out,
     check_pair,
@@ -121,7 +122,7 @@ def _item(image: Path, mask: Path, text: str | None, problems: list[str], organ:
     if m is None:
         return None
     if text is None:
-        text = describe_mask(np.asarray(m.convert("L")), organ=organ, finding=finding)
+        text = describe_mask(binary_mask_of(m, mask), organ=organ, finding=finding)
     elif not text.strip():
         problems.append(f"{image}: empty report")
         return None
@@ -155,7 +156,7 @@ def collect_folder(src: str | os.PathLike, organ: str = "lung", finding: str = "
             problems.append(f"{path}: two images named {s} (the other: {images[s]})")
         images.setdefault(s, path)
     masks: dict[str, Path] = {}
-    for name, path in list_files(found["masks"], problems, IMAGE_EXTS, "mask files (PNG, TIF, BMP)").items():
+    for name, path in list_files(found["masks"], problems, IMAGE_EXTS, "mask files (PNG, TIF, BMP, JPEG)").items():
         s = _mask_stem(name)
         if s in masks:
             problems.append(f"{path}: two masks for {s} (the other: {masks[s]})")

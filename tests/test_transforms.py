@@ -114,7 +114,12 @@ def test_color_chain_keeps_three_channels_and_multiclass_labels_stay_indices(tmp
     assert ToColord("image")({"image": grey})["image"].shape == (3, 2, 2)
     with pytest.raises(ValueError, match="outside the class set 0..4"):
         LabelIndexd("label", num_classes=5)({"label": torch.full((1, 2, 2), 7.0)})
-    with pytest.raises(ValueError, match="one channel"):
-        LabelIndexd("label")({"label": torch.zeros(2, 2, 2)})
+    colour = torch.stack([torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2, 2)])
+    with pytest.raises(ValueError, match="one channel of class indices"):
+        LabelIndexd("label")({"label": colour})
+    with_alpha = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), 255.0)])  # LA: grey indices + alpha
+    assert LabelIndexd("label")({"label": with_alpha})["label"].tolist() == [[[3.0, 3.0], [3.0, 3.0]]]
+    with pytest.raises(ValueError, match=r"values \{0, 0.5\} are not whole"):
+        LabelIndexd("label")({"label": torch.tensor([[[0.0, 0.5]]])})
     with pytest.raises(ValueError, match="in_channels"):
         segmentation_transforms(in_channels=2)

@@ -205,7 +205,7 @@ def test_options_and_shapes(tmp_path):
     net = ResizedSliceNet(torch.nn.Conv2d(1, 2, 1), image_size=32)
     assert net(torch.zeros(3, 1, 19, 23)).shape == (3, 2, 19, 23)
     mr2 = os.path.join(os.path.dirname(get_testdata_file("CT_small.dcm")), "dicomdirtests", "98892003", "MR2")
-    with pytest.raises(ValueError, match="pick one with series_uid"):
+    with pytest.raises(ValueError, match="pick one with --series-uid"):
         segment_volume(torch.nn.Conv2d(1, 1, 1), mr2, tmp_path)
     with pytest.raises(ValueError, match="axis"):
         VolumeSegmenter(torch.nn.Conv2d(1, 1, 1), axis=3)

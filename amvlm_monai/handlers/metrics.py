@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from amvlm_monai.evaluation.metrics import binarize, segmentation_scores, write_scores_csv
+from amvlm_monai.io.outputs import relative_names
 from amvlm_monai.utils.distributed import gather_objects, gather_rows, is_distributed, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ class SegmentationMetric(Metric):
     Reads ``(pred, label)`` from the engine output: ``pred`` logits (B, C, H, W), ``label`` (B, 1, H, W) binary mask
     or class indices. Predictions are binarised (sigmoid > 0.5, or argmax for ``multiclass``); scores follow
     :func:`~amvlm_monai.evaluation.metrics.segmentation_scores` (a class absent from both prediction and label scores 1).
-    With ``output_csv`` the per-image Dice and IoU and the file names are written when the metric is computed. Under
+    With ``output_csv`` the per-image Dice and IoU and the file names are written when the metric is computed (each
+    image's path relative to the images' common folder: ``a.png`` when they share one, ``p01/a.png`` and
+    ``p02/a.png`` when two folders hold one name). Under
     ``torchrun`` each rank scores its shard of the data and ``compute`` gathers every rank's per-image scores first, so
     all ranks return the same value (and rank 0 writes the CSV).
 
@@ -79,7 +82,7 @@ class SegmentationMetric(Metric):
         fg_pred, fg_label = (pred[:, 1:], target[:, 1:]) if self.multiclass else (pred, target)
         start = len(self._ids)
         names = list(names) if names is not None else [f"case_{start + i}" for i in range(dice.shape[0])]
-        self._ids += [os.path.basename(str(n)) for n in names]
+        self._ids += [str(n) for n in names]  # full paths: same-named images of two folders stay two rows
         for key, value in (("dice", dice), ("iou", iou), ("present", fg_label.flatten(2).sum(-1) > 0),
                            ("fg", fg_pred.amax(1).flatten(1).mean(1)), ("label_fg", fg_label.amax(1).flatten(1).mean(1))):
             self._scores[key].append(value.detach().cpu())
@@ -91,6 +94,7 @@ class SegmentationMetric(Metric):
             s, ids = {k: gather_rows(v) for k, v in s.items()}, gather_objects(ids)
         if not ids:
             raise RuntimeError("SegmentationMetric needs at least one batch before it can be computed.")
+        ids = [str(n) for n in relative_names(ids)]  # file names; with the folder where two folders hold one name
         if self.output_csv and is_main_process():
             os.makedirs(os.path.dirname(os.path.abspath(self.output_csv)), exist_ok=True)
             write_scores_csv(self.output_csv, ids, s["dice"], s["iou"], self.class_names)

@@ -152,9 +152,36 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "image"
 
 
+def panel_files(infos: list[dict]) -> list[str]:
+    """One PNG file name per panel, never two alike (compared ignoring case): the panel's ``id`` made safe for a file
+    name; where ids collide (same-named images of two folders), the image's path relative to the sampled images'
+    common folder (``p01/scan.png`` -> ``p01_scan.png``); a number where even those collide."""
+    from collections import Counter
+
+    from amvlm_monai.io.outputs import relative_names
+
+    names = [_safe(str(i.get("id"))) for i in infos]
+    count = Counter(n.casefold() for n in names)
+    paths = [i.get("image") for i in infos]
+    if any(count[n.casefold()] > 1 for n in names) and all(isinstance(p, str) and p for p in paths):
+        rel = relative_names(paths)
+        names = [_safe(str(r.with_suffix("")).replace("/", "_")) if count[n.casefold()] > 1 else n
+                 for n, r in zip(names, rel)]
+    out, used = [], set()
+    for n in names:
+        name, k = n, 1
+        while name.casefold() in used:
+            k += 1
+            name = f"{n}_{k}"
+        used.add(name.casefold())
+        out.append(f"{name}.png")
+    return out
+
+
 class SavePanels:
     """Evaluation panels as PNG files: image, ground truth, prediction, text mask and report for a sample of images
-    (:class:`PanelSampler`), plus ``index.json`` (id, source image, report, Dice, labelled fraction per panel).
+    (:class:`PanelSampler`), plus ``index.json`` (id, source image, report, Dice, labelled fraction per panel). Each
+    panel has its own file (:func:`panel_files`), also for same-named images of different folders.
 
     The text mask needs a stage-1 model: ``guidance`` (a live
     :class:`~amvlm_monai.engines.guidance.TextGuidance`), or ``checkpoint`` (a stage-1 checkpoint; its mask generator
@@ -205,8 +232,7 @@ class SavePanels:
 
         panels = render_panels(self.sampler.items(), self.multiclass, self._guidance(engine.state.device))
         index = []
-        for info, picture in panels:
-            name = f"{_safe(info['id'])}.png"
+        for (info, picture), name in zip(panels, panel_files([info for info, _ in panels])):
             save_png(picture, os.path.join(self.output_dir, name))
             index.append(dict(info, file=name))
         os.makedirs(self.output_dir, exist_ok=True)

@@ -19,14 +19,23 @@ trained on raw-intensity slices cut from volumes.
 Output: ``<output_dir>/<input stem>_seg.nii.gz``, uint8: {0, 1} (binary, sigmoid > ``threshold``) or class indices
 (``multiclass``, argmax over the channels). Trailing singleton dimensions are dropped (as MONAI's ``SaveImage`` does).
 2D inputs (image files, one DICOM frame, a 2D NIfTI) are segmented as they are, never reoriented, as in 2D training.
+An existing output is never replaced unless asked (``overwrite``, ``--overwrite``).
+
+Several inputs (the CLI): each gets its own output, its path relative to the inputs' common folder kept
+(``p01/t2.nii.gz p02/t2.nii.gz`` -> ``out/p01/t2_seg.nii.gz``, ``out/p02/t2_seg.nii.gz``; `amvlm_monai.io.outputs`);
+a folder that is not a DICOM series folder is searched, with its sub-folders, for NIfTI files and DICOM series
+folders, segmented file by file (``--input study/`` -> ``out/<path below study/>_seg.nii.gz``). Every input and every
+output is checked before the first is segmented.
 
 Refused with a message naming the file: a 4D NIfTI (several volumes), NaN or infinite voxels, an empty file, a
-``.dcm`` file that is not DICOM, a folder of several series (unless ``series_uid``).
+``.dcm`` file that is not DICOM, a folder of several series (unless ``series_uid``, ``--series-uid``), two inputs
+that would share an output, an output that exists (unless ``--overwrite``).
 
 CLI: the model and the input are all it needs; the settings the model was trained with are read from
 ``model_info.json`` beside it (`amvlm_monai.io.model_info`, written by every training run), and flags override them::
 
     python -m amvlm_monai.inference.volume --model models/model.pt --input case1.nii.gz dicom_folder/ --output preds/
+    python -m amvlm_monai.inference.volume --model models/model.pt --input study/ --output preds/ [--overwrite]
     python -m amvlm_monai.inference.volume --bundle bundles/mrspineseg_spine_mr_segmentation --input case1.nii.gz \\
         --output preds/ [--axis 0 --axcodes RAS --image-size 64 --slice-minmax ...]
 
@@ -50,15 +59,18 @@ from monai.transforms import Compose, Invertd, NormalizeIntensityd, Orientationd
 from torch import nn
 
 from amvlm_monai.io.clinical import (
-    NIFTI_SUFFIXES,
     IntensityByModalityd,
     check_finite_image,
     clinical_load_chain,
-    detect_format,
 )
+from amvlm_monai.io.outputs import output_paths, refuse_existing
 from amvlm_monai.utils.progress import progress
 
-__all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main"]
+__all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main", "cli"]
+
+
+#: what volume inference appends to an input's stem
+SUFFIX = "_seg.nii.gz"
 
 
 def _size2d(image_size) -> tuple[int, int] | None:
@@ -110,14 +122,9 @@ class ResizedSliceNet(nn.Module):
 
 
 def output_path(path: PathLike, output_dir: PathLike) -> Path:
-    """``<output_dir>/<stem>_seg.nii.gz``; the stem drops ``.nii.gz``/any suffix of a file, a folder keeps its name."""
-    p = Path(path)
-    name = p.name or p.resolve().name
-    if not p.is_dir():
-        lower = name.lower()
-        suffix = next((s for s in NIFTI_SUFFIXES[::-1] if lower.endswith(s)), p.suffix)
-        name = name[: len(name) - len(suffix)] if suffix else name
-    return Path(output_dir) / f"{name}_seg.nii.gz"
+    """``<output_dir>/<stem>_seg.nii.gz`` of one input; the stem drops ``.nii.gz``/any suffix of a file, a folder keeps
+    its name (several inputs: `amvlm_monai.io.outputs.output_paths`)."""
+    return output_paths([path], output_dir, SUFFIX)[0]
 
 
 class VolumeSegmenter:
@@ -248,10 +255,21 @@ class VolumeSegmenter:
             pred = Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=True)(data)["pred"]
         return pred
 
-    def __call__(self, path: PathLike, output_dir: PathLike) -> Path:
-        """Segment ``path`` and write ``<output_dir>/<stem>_seg.nii.gz`` (uint8, the input's affine); its path."""
-        pred = self.predict(path)
+    def __call__(self, path: PathLike, output_dir: PathLike, overwrite: bool = False) -> Path:
+        """Segment ``path`` and write ``<output_dir>/<stem>_seg.nii.gz`` (uint8, the input's affine); its path.
+
+        Raises:
+            FileExistsError: the output exists and ``overwrite`` is False (checked before the work).
+        """
         out = output_path(path, output_dir)
+        if not overwrite:
+            refuse_existing([out], "overwrite=True")
+        return self.write(path, out)
+
+    def write(self, path: PathLike, out: PathLike) -> Path:
+        """Segment ``path`` and write the label map to the file ``out`` (replaced if it exists); ``out`` as a Path."""
+        pred = self.predict(path)
+        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         affine = np.asarray(pred.affine, dtype=np.float64)
         if pred.ndim == 3:  # a 2D input: MONAI's NibabelWriter cannot write it without resampling; nibabel can
@@ -269,16 +287,17 @@ class VolumeSegmenter:
 def segment_volume(network: nn.Module, path: PathLike, output_dir: PathLike,
                    image_size: int | Sequence[int] | None = 224, axis: int = 0, modality: str = "auto",
                    multiclass: bool = False, threshold: float = 0.5, device: str | torch.device = "cpu",
-                   **kwargs) -> Path:
+                   overwrite: bool = False, **kwargs) -> Path:
     """Segment one input (NIfTI, DICOM series folder or file, 2D image) slice by slice; returns the written path.
 
     See :class:`VolumeSegmenter` for the arguments (``kwargs``: ``series_uid``, ``axcodes``, ``ct_window``,
     ``mr_norm``, ``sw_batch_size``, ``slice_minmax``).
-    The output ``<output_dir>/<stem>_seg.nii.gz`` has the input's shape and affine.
+    The output ``<output_dir>/<stem>_seg.nii.gz`` has the input's shape and affine; an existing one is refused
+    (``FileExistsError``) unless ``overwrite``.
     """
     seg = VolumeSegmenter(network, image_size=image_size, axis=axis, modality=modality, multiclass=multiclass,
                           threshold=threshold, device=device, **kwargs)
-    return seg(path, output_dir)
+    return seg(path, output_dir, overwrite=overwrite)
 
 
 def _settings(info: dict | None) -> dict:
@@ -297,8 +316,13 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Settings not given are read from model_info.json beside the model.")
     p.add_argument("--model", default=None, help="model.pt of a training run (state dict of build_segmentation_net)")
     p.add_argument("--bundle", default=None, help="a bundle folder: its models/model.pt (instead of --model)")
-    p.add_argument("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, DICOM or image files")
-    p.add_argument("--output", required=True, help="output folder for <stem>_seg.nii.gz")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="NIfTI files, DICOM series folders, DICOM or image files, or folders of NIfTI files and DICOM "
+                        "series folders (searched with their sub-folders)")
+    p.add_argument("--output", required=True,
+                   help="output folder for <stem>_seg.nii.gz, keeping each input's path relative to the inputs' "
+                        "common folder")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (refused otherwise)")
     p.add_argument("--image-size", type=int, nargs="+", default=None, help="network input size (H [W]); 0: native")
     p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2), help="slice axis of the volume")
     p.add_argument("--modality", default=None, help="auto or a DICOM modality code (CT, MR, XR, ...)")
@@ -371,19 +395,32 @@ def segmenter_from_args(args, parser: argparse.ArgumentParser) -> VolumeSegmente
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """CLI entry point; returns the written paths. Bad input: ``error: <file>: <what>`` lines, exit status 2."""
+    """CLI entry point; returns the written paths. Bad input: ``error: <file>: <what>`` lines, exit status 2.
+
+    Every input (its type: an empty file, a non-DICOM ``.dcm``) and every output (two inputs on one, one that exists
+    without ``--overwrite``) is checked before the model is loaded; then the inputs are segmented one by one, with
+    progress.
+    """
+    from amvlm_monai.inference.files import volume_inputs
     from amvlm_monai.utils.errors import check_writable, cli_errors
 
     parser = _parser()
     args = parser.parse_args(argv)
     written = []
     with cli_errors():
-        for path in args.input:  # every input's type checked before any work (an empty file, a non-DICOM .dcm)
-            detect_format(path)
+        inputs, anchors, skipped = volume_inputs(args.input, args.output)
+        outputs = output_paths(inputs, args.output, SUFFIX, anchors)
+        if not args.overwrite:
+            refuse_existing(outputs, "--overwrite")
+        if skipped:
+            shown = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            print(f"note: {len(skipped)} file{'s' if len(skipped) > 1 else ''} in the input folders "
+                  f"{'are' if len(skipped) > 1 else 'is'} neither NIfTI nor in a DICOM series folder, skipped: "
+                  f"{shown}", file=sys.stderr)
         seg = segmenter_from_args(args, parser)
         check_writable(args.output)
-        for path in progress(args.input, "volumes"):
-            out = seg(path, args.output)
+        for path, out in progress(list(zip(inputs, outputs)), "volumes"):
+            seg.write(path, out)
             print(out)
             written.append(out)
     return written

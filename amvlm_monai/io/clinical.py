@@ -11,8 +11,9 @@ resampled here, so a prediction made on the array overlays the input voxel for v
   multi-frame file).
 - ``image`` (PNG, TIF, JPEG, BMP): ``PILReader`` -> ``(1, W, H)``; RGB(A) averaged to grey.
 
-A folder holding several series raises a ``ValueError`` listing them; pass ``series_uid=`` to pick one. A file a
-reader cannot read raises ``ValueError`` naming it (the reader's exception is chained).
+A folder holding several series raises a ``ValueError`` listing them; pick one with ``--series-uid`` (volume
+inference) or ``series_uid=`` (Python). A file a reader cannot read raises ``ValueError`` naming it (the reader's
+exception is chained).
 
 Intensity by modality (:class:`IntensityByModality`), always to [0, 1]:
 
@@ -28,6 +29,18 @@ Intensity by modality (:class:`IntensityByModality`), always to [0, 1]:
 
 Bad files are refused with one line naming them, before any reader runs: an empty (0-byte) file, a ``.dcm`` file that
 is not DICOM, NaN or infinite voxels (:func:`check_finite_image`).
+
+Masks, as people save them, are read by one rule (:func:`mask_channel`, :func:`binary_mask`, :func:`label_indices`),
+used by the converters' checks (``data_prep``), training, evaluation and the bundles alike; a mask arrives
+channel-first ``(C, *spatial)`` as MONAI's ``LoadImage`` gives it (a palette PNG as its indices, never its colours):
+
+- a 2D mask with 2 or 4 channels (grey or RGB with alpha) loses the alpha channel;
+- a 2D RGB mask whose three channels are equal is grey; one with colours is binary when it holds black (background)
+  and at most one other colour (foreground, whatever colour); more colours are refused, listing them;
+- one channel (grey 8 or 16 bit, palette indices, NIfTI integers or floats): a binary mask holds 0/1, 0/255 or
+  0/65535 (only one of these pairs; nonzero is foreground); class-index labels hold whole numbers ``0..K-1``.
+
+Anything else is refused with one line naming the file and the values found.
 
 Example:
     >>> chain = Compose(clinical_load_chain(["image"], modality="auto"))
@@ -103,6 +116,14 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def holds_dicom(folder: PathLike) -> bool:
+    """True when ``folder`` itself (not its sub-folders) holds a DICOM file (a ``.dcm`` name or a DICOM preamble):
+    a DICOM series folder. NIfTI and image files are not opened."""
+    skip = NIFTI_SUFFIXES + IMAGE_SUFFIXES
+    return any(f.is_file() and not f.name.startswith(".") and _suffix(f) not in skip and _is_dicom_file(f)
+               for f in Path(folder).iterdir())
+
+
 def detect_format(path: PathLike) -> str:
     """The input's format: ``"nifti"`` | ``"dicom_series"`` (a folder) | ``"dicom"`` | ``"image"`` (PNG/TIF/JPEG/BMP).
 
@@ -116,7 +137,7 @@ def detect_format(path: PathLike) -> str:
     if p.is_file() and p.stat().st_size == 0:
         raise ValueError(f"{p}: empty file (0 bytes); nothing to read (an interrupted copy?).")
     if p.is_dir():
-        if not any(f.is_file() and _is_dicom_file(f) for f in p.iterdir()):
+        if not holds_dicom(p):
             raise ValueError(f"{p}: folder holds no DICOM files (a DICOM series folder was expected).")
         return "dicom_series"
     suffix = _suffix(p)
@@ -242,8 +263,8 @@ def select_dicom_series(folder: PathLike, series_uid: str | None = None) -> Dico
         if not chosen:
             raise ValueError(f"{folder}: no series with SeriesInstanceUID {series_uid}; found:\n{listing}")
     elif len(series) > 1:
-        raise ValueError(f"{folder}: holds {len(series)} DICOM series; pick one with series_uid=... "
-                         f"(SeriesInstanceUID, files, modality, number, description):\n{listing}")
+        raise ValueError(f"{folder}: holds {len(series)} DICOM series; pick one with --series-uid UID (series_uid= "
+                         f"in Python); SeriesInstanceUID (files, modality, number, description):\n{listing}")
     else:
         chosen = series
     if chosen[0].problem:
@@ -425,6 +446,113 @@ def check_finite_image(img: torch.Tensor | np.ndarray, name: PathLike | None = N
                          "file (a network cannot use them).")
 
 
+#: the value pairs a binary mask may hold (one pair, or one of its values: an empty mask is all 0)
+BINARY_MASK_VALUES = ((0, 1), (0, 255), (0, 65535))
+
+
+def _shown(values: Sequence, limit: int = 8) -> str:
+    """``{0, 7, 128}``: up to ``limit`` values, numbers as ``%g``, colours as tuples."""
+    text = [f"({', '.join(f'{c:g}' for c in v)})" if isinstance(v, (list, tuple)) else f"{v:g}" for v in values[:limit]]
+    return "{" + ", ".join(text) + (", ..." if len(values) > limit else "") + "}"
+
+
+def _plain(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A plain tensor of ``x`` (a copy of a NumPy array, which may be a read-only view of a PIL image)."""
+    return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x).as_subclass(torch.Tensor)
+
+
+def _name_of(mask, name: PathLike | None) -> str:
+    return str(name if name is not None else (getattr(mask, "meta", None) or {}).get("filename_or_obj", "mask"))
+
+
+def mask_channel(mask: torch.Tensor | np.ndarray, name: PathLike | None = None) -> torch.Tensor | np.ndarray:
+    """The one channel of a channel-first mask ``(C, *spatial)`` -> ``(1, *spatial)``, same type (and meta).
+
+    2D masks (``(C, H, W)``): 2 or 4 channels lose the alpha channel; 3 equal channels (grey saved as RGB) are grey. A
+    colour mask (3 channels that differ) holding black and at most one other colour becomes that colour's foreground
+    (``1``) on black (``0``). Volumes need one channel.
+
+    Raises:
+        ValueError: naming the file (``name``, or the mask's ``filename_or_obj``): a colour mask with several colours
+            besides black, listing them; any other number of channels.
+    """
+    c = mask.shape[0]
+    if mask.ndim == 3 and c in (2, 4):  # LA / PA / RGBA: drop alpha
+        mask, c = mask[: c - 1], c - 1
+    if c == 1:
+        return mask
+    if mask.ndim == 3 and c == 3:
+        t = _plain(mask)
+        if bool((t[0] == t[1]).all()) and bool((t[0] == t[2]).all()):
+            return mask[:1]
+        colours = torch.unique(t.reshape(3, -1), dim=1).T  # (K, 3)
+        others = colours[(colours != 0).any(1)]
+        if len(others) > 1:
+            raise ValueError(f"{_name_of(mask, name)}: mask colours {_shown(colours.tolist())} are not binary: a "
+                             "colour mask holds black (background) and one colour (foreground); save a label map of "
+                             "several classes as class indices (grey or palette PNG).")
+        fg = (t != 0).any(0, keepdim=True)
+        if isinstance(mask, np.ndarray):
+            return fg.numpy().astype(mask.dtype)
+        out = mask[:1].clone()
+        out[:] = fg.to(out.dtype)
+        return out
+    raise ValueError(f"{_name_of(mask, name)}: a mask of shape {tuple(mask.shape[1:])} with {c} channels: expected "
+                     "one (grey, palette indices) or, for a 2D image, RGB(A).")
+
+
+def binary_mask(mask: torch.Tensor | np.ndarray, name: PathLike | None = None) -> torch.Tensor | np.ndarray:
+    """A channel-first mask ``(C, *spatial)`` as it was saved -> ``(1, *spatial)`` float32 {0, 1}, same type.
+
+    :func:`mask_channel` first; the one channel must then hold only 0/1, 0/255 or 0/65535 (``BINARY_MASK_VALUES``),
+    whatever the dtype (8 or 16 bit, palette indices, NIfTI floats); nonzero is foreground.
+
+    Raises:
+        ValueError: ``<file>: mask values {0, 7, 128} are not binary: ...`` naming the values found.
+
+    Example:
+        >>> binary_mask(np.array([[[0, 65535], [65535, 0]]], np.uint16)).tolist()
+        [[[0.0, 1.0], [1.0, 0.0]]]
+    """
+    one = mask_channel(mask, name)
+    values = torch.unique(_plain(one)).tolist()
+    if not any(set(values) <= set(ok) for ok in BINARY_MASK_VALUES):
+        raise ValueError(f"{_name_of(mask, name)}: mask values {_shown(values)} are not binary: expected 0/1, 0/255 or "
+                         "0/65535 (binarise it, e.g. mask > 0, and save it losslessly as PNG or NIfTI).")
+    return (one > 0).astype(np.float32) if isinstance(one, np.ndarray) else (one > 0).float()
+
+
+def label_indices(mask: torch.Tensor | np.ndarray, name: PathLike | None = None, num_classes: int | None = None
+                  ) -> torch.Tensor:
+    """A channel-first class-index label ``(C, *spatial)`` -> ``(1, *spatial)`` float tensor of whole class indices.
+
+    Alpha is dropped and 3 equal channels are one, as in :func:`mask_channel`; colour label maps are refused (save
+    class indices: grey or palette PNG, NIfTI).
+
+    Raises:
+        ValueError: naming the file: several channels that differ, values that are not whole numbers, or (with
+            ``num_classes``) outside ``0 .. num_classes - 1``.
+    """
+    c = mask.shape[0]
+    if mask.ndim == 3 and c in (2, 4):
+        mask, c = mask[: c - 1], c - 1
+    lab = torch.from_numpy(np.array(mask)) if isinstance(mask, np.ndarray) else mask
+    lab = lab if lab.is_floating_point() else lab.float()  # 16-bit and bool labels: float, as MONAI loads them
+    if c == 3 and mask.ndim == 3 and bool((lab[0] == lab[1]).all()) and bool((lab[0] == lab[2]).all()):
+        lab, c = lab[:1], 1
+    if c != 1:
+        raise ValueError(f"{_name_of(mask, name)}: a multi-class label needs one channel of class indices (grey or "
+                         f"palette PNG, NIfTI), found {c} channels that differ.")
+    if not torch.equal(lab, lab.round()):
+        values = torch.unique(_plain(lab)).tolist()
+        raise ValueError(f"{_name_of(mask, name)}: multi-class label values {_shown(values)} are not whole class "
+                         "indices.")
+    if num_classes is not None and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"{_name_of(mask, name)}: label values {int(lab.min())}..{int(lab.max())} are outside the "
+                         f"class set 0..{num_classes - 1}.")
+    return lab.float()
+
+
 _DICOM_TAG = re.compile(r"^[0-9A-Fa-f]{8}$|\|")
 
 
@@ -569,8 +697,9 @@ def clinical_load_chain(keys: Sequence[str], modality: str = "auto", ct_window: 
 
 
 class SaveNiftid:
-    """Write ``data[key]`` (``(1, *spatial)`` labels, already at the input's size) as
-    ``<output_dir>/<input stem>_<postfix>.nii.gz`` (uint8) with the input's original affine, unchanged.
+    """Write ``data[key]`` (``(1, *spatial)`` labels, already at the input's size) as a uint8 NIfTI with the input's
+    original affine, unchanged: to ``data[path_key]`` when the item names its output (`amvlm_monai.inference.files`),
+    else ``<output_dir>/<input stem>_<postfix><output_ext>``.
 
     MONAI's ``SaveImaged`` reduces a 2D image's 4x4 affine to 3x3 before writing, which is singular for 2D slices cut
     from a volume along another axis than the last (a sagittal slice has no in-plane z); nibabel keeps the 4x4
@@ -578,11 +707,12 @@ class SaveNiftid:
     """
 
     def __init__(self, keys: str, output_dir: str | os.PathLike, output_ext: str = ".nii.gz",
-                 postfix: str = "mask") -> None:
+                 postfix: str = "mask", path_key: str = "output") -> None:
         self.key = keys
         self.output_dir = Path(output_dir)
         self.output_ext = output_ext
         self.postfix = postfix
+        self.path_key = path_key
 
     def __call__(self, data: dict) -> dict:
         import nibabel as nib
@@ -590,16 +720,56 @@ class SaveNiftid:
 
         pred = data[self.key]
         meta = getattr(pred, "meta", {})
-        source = str(meta.get("filename_or_obj", "image"))
-        name = Path(source).name
-        for ext in (".nii.gz", ".nii"):
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
-        else:
-            name = Path(name).stem
+        out = data.get(self.path_key)
+        if out is None:
+            source = str(meta.get("filename_or_obj", "image"))
+            name = Path(source).name
+            for ext in (".nii.gz", ".nii"):
+                if name.lower().endswith(ext):
+                    name = name[: -len(ext)]
+                    break
+            else:
+                name = Path(name).stem
+            out = self.output_dir / f"{name}_{self.postfix}{self.output_ext}"
         affine = np.asarray(meta.get("original_affine", getattr(pred, "affine", np.eye(4))), np.float64)
         arr = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)[0].astype(np.uint8)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(arr, affine), str(self.output_dir / f"{name}_{self.postfix}{self.output_ext}"))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(arr, affine), str(out))
+        return data
+
+
+class SaveImagePathd:
+    """Write ``data[key]`` with MONAI's ``SaveImage`` (PNG and the other formats it writes) to the file named by
+    ``data[path_key]`` (which ends with ``output_ext``; its folder is created); items without one get MONAI's
+    ``<output_dir>/<input stem>_<postfix><output_ext>``.
+
+    Args:
+        keys: the key to write.
+        output_dir: the folder of items that do not name their output.
+        output_ext: the file type, e.g. ``".png"``.
+        scale: MONAI's ``scale`` (255 writes a {0, 1} mask as 0/255; None writes values as they are).
+        postfix: see above.
+        path_key: the item's key holding its output path.
+    """
+
+    def __init__(self, keys: str, output_dir: str | os.PathLike, output_ext: str = ".png", scale: int | None = 255,
+                 postfix: str = "mask", path_key: str = "output") -> None:
+        from monai.transforms import SaveImage
+
+        self.key = keys
+        self.output_ext = output_ext
+        self.path_key = path_key
+        self.saver = SaveImage(output_dir=output_dir, output_ext=output_ext, output_postfix=postfix, resample=False,
+                               separate_folder=False, print_log=False, output_dtype="uint8", scale=scale)
+
+    def __call__(self, data: dict) -> dict:
+        out = data.get(self.path_key)
+        if out is None:
+            self.saver(data[self.key])
+            return data
+        out = str(out)
+        if not out.endswith(self.output_ext):
+            raise ValueError(f"{out}: an output path of a {self.output_ext} writer must end with {self.output_ext}.")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        self.saver(data[self.key], filename=out[: len(out) - len(self.output_ext)])
         return data

@@ -144,13 +144,15 @@ def inference_transforms(image_size: int | Sequence[int] = 224, in_channels: int
 
 def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: bool = False, threshold: float = 0.5,
                         output_ext: str = ".png") -> Compose:
-    """Logits -> masks at the input's size and geometry, written next to nothing but each other in ``output_dir``.
+    """Logits -> masks at the input's size and geometry, each written to the file its item names under ``"output"``
+    (`amvlm_monai.inference.files.input_items`: the input's path relative to the input folder, never two inputs on
+    one file), else to ``<output_dir>/<input stem>_mask<output_ext>``.
 
     Binary masks are written 0/255 (PNG) and multi-class label maps as class indices.
     """
-    from monai.transforms import Activationsd, AsDiscreted, Invertd, SaveImaged
+    from monai.transforms import Activationsd, AsDiscreted, Invertd
 
-    from amvlm_monai.io.clinical import SaveNiftid
+    from amvlm_monai.io.clinical import SaveImagePathd, SaveNiftid
 
     chain = [
         Activationsd(keys="pred", softmax=multiclass, sigmoid=not multiclass),
@@ -160,7 +162,6 @@ def mask_postprocessing(preprocessing: Compose, output_dir: str, multiclass: boo
     if output_ext.lower() in (".nii", ".nii.gz"):  # label maps with the input's 4x4 affine (2D slices of volumes)
         chain.append(SaveNiftid(keys="pred", output_dir=output_dir, output_ext=output_ext))
     else:
-        chain.append(SaveImaged(keys="pred", output_dir=output_dir, output_ext=output_ext, output_postfix="mask",
-                                resample=False, separate_folder=False, print_log=False, output_dtype="uint8",
-                                scale=None if multiclass else 255))
+        chain.append(SaveImagePathd(keys="pred", output_dir=output_dir, output_ext=output_ext,
+                                    scale=None if multiclass else 255))
     return Compose(chain)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
+from amvlm_monai.io.clinical import binary_mask, label_indices
+
 __all__ = ["TextView", "TextViewd", "CheckTextd", "ToGrayscaled", "ToColord", "BinarizeLabeld", "LabelIndexd"]
 
 
@@ -140,6 +142,9 @@ def _name(img) -> str:
 class LabelIndexd(MapTransform):
     """Multi-class labels as one channel of class indices (float, so that nearest resizing keeps them exact).
 
+    Read by the project's one mask rule (:func:`~amvlm_monai.io.clinical.label_indices`: palette PNGs by their
+    indices, alpha dropped, an RGB label with equal channels is grey).
+
     Args:
         keys: label keys.
         num_classes: if given, a value outside ``0 .. num_classes - 1`` raises an error naming the file.
@@ -153,25 +158,18 @@ class LabelIndexd(MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            lab = d[key]
-            if lab.shape[0] != 1:
-                raise ValueError(f"{_name(lab)}: a multi-class label needs one channel of class indices, "
-                                 f"found {lab.shape[0]} channels.")
-            lab = torch.as_tensor(lab) if not isinstance(lab, torch.Tensor) else lab
-            if self.num_classes is not None and (lab.min() < 0 or lab.max() >= self.num_classes):
-                raise ValueError(f"{_name(lab)}: label values {int(lab.min())}..{int(lab.max())} are outside the "
-                                 f"class set 0..{self.num_classes - 1}.")
-            if not torch.equal(lab, lab.round()):
-                raise ValueError(f"{_name(lab)}: multi-class label values must be whole class indices.")
-            d[key] = lab.float()
+            d[key] = label_indices(d[key], _name(d[key]), self.num_classes)
         return d
 
 
 class BinarizeLabeld(MapTransform):
-    """Binary masks as {0, 1} float: any value above ``threshold`` is foreground (QaTa masks are 0/255).
+    """Binary masks as ``(1, H, W)`` {0, 1} float.
 
-    With ``strict`` (default) a mask must hold only 0/1 or only 0/255 (the documented mask values): any other value
-    (a label map, an anti-aliased or JPEG mask) raises an error naming the file instead of silently becoming lesion.
+    With ``strict`` (default) the project's one mask rule (:func:`~amvlm_monai.io.clinical.binary_mask`) reads it: 0/1,
+    0/255 or 0/65535 in one channel (grey, palette indices, NIfTI floats), an RGB mask with equal channels, or black
+    and one colour; anything else (a label map, an anti-aliased or JPEG mask) raises an error naming the file and the
+    values found instead of silently becoming lesion. Without ``strict``, any value above ``threshold`` in any channel
+    is foreground.
     """
 
     def __init__(self, keys: Sequence[Hashable] | Hashable, threshold: float = 0.0, strict: bool = True,
@@ -185,11 +183,8 @@ class BinarizeLabeld(MapTransform):
         for key in self.key_iterator(d):
             lab = d[key]
             if self.strict:
-                values = torch.unique(torch.as_tensor(lab)).tolist()
-                if not (set(values) <= {0, 1} or set(values) <= {0, 255}):
-                    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
-                    raise ValueError(f"{_name(lab)}: mask values {{{shown}}} are not binary: expected 0/1 or 0/255 "
-                                     "(binarise the mask, e.g. mask > 0, and save it losslessly as PNG).")
+                d[key] = binary_mask(lab, _name(lab))
+                continue
             if lab.shape[0] != 1:
                 lab = lab.max(0, keepdim=True)[0] if isinstance(lab, torch.Tensor) else lab.max(0, keepdims=True)
             d[key] = (lab > self.threshold).float() if isinstance(lab, torch.Tensor) \
