@@ -1,6 +1,7 @@
 """Progress: timed log lines with hand-checked ETAs, no carriage returns in log mode, the mode switch."""
 
 import logging
+import sys
 
 import pytest
 
@@ -100,3 +101,36 @@ def test_progress_handler_evaluator_has_no_run_eta(clock, caplog):
     caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
     engine.run(list(range(3)), max_epochs=1)
     assert _lines(caplog) == ["evaluate done in 0:00:03"]
+
+
+def test_bar_mode_is_ignites_progress_bar_and_log_lines_go_through_tqdm(capsys, caplog):
+    """In a terminal: ignite's ProgressBar, and while it runs every log line is written by tqdm (``tqdm.write``),
+    so MONAI's log lines no longer cut the bar; the logging handlers are back as they were afterwards."""
+    from ignite.engine import Engine
+    from ignite.handlers import ProgressBar
+
+    log = logging.getLogger("amvlm_test_bar")
+    log.propagate = False
+    stream = logging.StreamHandler(sys.stderr)
+    log.addHandler(stream)
+    log.setLevel(logging.INFO)
+    seen = []
+
+    def step(engine, batch):
+        seen.append([type(h).__name__ for h in log.handlers])
+        log.info("a log line at iteration %d", engine.state.iteration)
+        return {"loss": 0.5}
+
+    engine = Engine(step)
+    handler = prog.ProgressHandler(mode="bar", name="train")
+    handler.attach(engine)
+    handler.attach(engine)  # attached once
+    assert isinstance(handler._bar, ProgressBar)
+    caplog.set_level(logging.INFO, logger="amvlm_monai.utils.progress")
+    engine.run(list(range(3)), max_epochs=2)
+    assert all(names == ["_TqdmLoggingHandler"] for names in seen)
+    assert log.handlers == [stream]
+    err = capsys.readouterr().err
+    assert err.count("a log line at iteration") == 6 and "train [2/2]" in err  # ignite's bar
+    assert "train epoch 1/2 done, run ETA" in caplog.text
+    log.removeHandler(stream)

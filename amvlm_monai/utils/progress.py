@@ -6,9 +6,10 @@ so the bundle's ``logging.conf`` formats it: a bar redrawn with carriage returns
 thousands of fragments. ``AMVLM_PROGRESS=bar|log|off`` overrides the choice.
 
 - :func:`progress` wraps any loop (data conversion, volume inference).
-- :class:`ProgressHandler` is an ignite handler for the engines: epochs and iterations with the epoch's ETA and the
-  whole run's ETA for a trainer, iterations with an ETA for an evaluator. ignite's ``ProgressBar`` draws the same bar
-  in a terminal but has no line mode for logs and no whole-run ETA, hence this handler.
+- :class:`ProgressHandler` is an ignite handler for the engines: in a terminal ignite's ``ProgressBar``, with every
+  log line written through ``tqdm`` while it runs (MONAI's log lines would otherwise cut the bar) and the whole run's
+  ETA logged after each epoch; in a log, lines with the epoch's ETA and the whole run's ETA for a trainer,
+  iterations with an ETA for an evaluator (ignite's bar has no line mode for logs, hence this handler).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class ProgressHandler:
         self.mode = mode
         self.output_transform = output_transform or _loss_of
         self.name = name
-        self._bar = self._epochs_bar = None
+        self._bar = None  # ignite's ProgressBar in bar mode
+        self._redirect = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -134,11 +136,25 @@ class ProgressHandler:
         self.mode = progress_mode(self.mode)
         if self.mode == "off":
             return
+        if engine.has_event_handler(self._started, Events.STARTED):
+            return
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self._close)
+        if self.mode == "bar":
+            from ignite.handlers import ProgressBar
+
+            self._bar = ProgressBar(persist=False, desc=self.name)
+            self._bar.attach(engine, output_transform=self._postfix)
+        else:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+
+    def _postfix(self, output: Any) -> dict:
+        try:
+            return dict(self.output_transform(output) or {})
+        except Exception:  # an output of another shape: show progress without it
+            return {}
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _started(self, engine: Any) -> None:
@@ -147,21 +163,17 @@ class ProgressHandler:
         self._start_iteration = s.iteration  # resumed runs: ETA from the iterations of this run only
         self._epoch_length = s.epoch_length or 0
         self._total = (s.max_epochs or 1) * self._epoch_length if self._epoch_length else None
-        if self.mode == "bar" and (s.max_epochs or 1) > 1:
-            from tqdm import tqdm
+        if self.mode == "bar" and self._redirect is None:  # log lines go through tqdm.write: the bar stays whole
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._epochs_bar = tqdm(total=s.max_epochs, initial=s.epoch, desc=f"{self.name} epochs", position=0,
-                                    dynamic_ncols=True)
+            loggers = [logging.root] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                        if isinstance(lg, logging.Logger) and lg.handlers]
+            self._redirect = logging_redirect_tqdm(loggers)
+            self._redirect.__enter__()
 
     def _epoch_started(self, engine: Any) -> None:
         self._epoch_start = self._last = time.monotonic()
         self._epoch_length = engine.state.epoch_length or 0
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            nested = self._epochs_bar is not None
-            self._bar = tqdm(total=self._epoch_length or None, desc=self._epoch_label(engine),
-                             position=1 if nested else 0, leave=not nested, dynamic_ncols=True)
 
     def _epoch_label(self, engine: Any) -> str:
         s = engine.state
@@ -181,21 +193,10 @@ class ProgressHandler:
         return elapsed / done * left if done > 0 else float("nan")
 
     def _extras(self, engine: Any) -> str:
-        try:
-            values = self.output_transform(engine.state.output)
-        except Exception:  # an output of another shape: show progress without it
-            return ""
-        return ", ".join(f"{k} {v:.4g}" for k, v in (values or {}).items())
+        return ", ".join(f"{k} {v:.4g}" for k, v in self._postfix(engine.state.output).items())
 
     # ---- events ------------------------------------------------------------------------------------------------
     def _iteration(self, engine: Any) -> None:
-        if self.mode == "bar":
-            if self._bar is not None:
-                self._bar.update(1)
-                extras = self._extras(engine)
-                if extras:
-                    self._bar.set_postfix_str(extras, refresh=False)
-            return
         now = time.monotonic()
         if now - self._last < self.every_s:
             return
@@ -215,12 +216,8 @@ class ProgressHandler:
 
     def _epoch_completed(self, engine: Any) -> None:
         if self.mode == "bar":
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-            if self._epochs_bar is not None:
-                self._epochs_bar.update(1)
-                self._epochs_bar.set_postfix_str(f"ETA {format_seconds(self.run_eta(engine))}")
+            if (engine.state.max_epochs or 1) > 1:
+                _emit(logger, f"{self._epoch_label(engine)} done, run ETA {format_seconds(self.run_eta(engine))}")
             return
         took = time.monotonic() - self._epoch_start
         line = f"{self._epoch_label(engine)} done in {format_seconds(took)}"
@@ -229,10 +226,9 @@ class ProgressHandler:
         _emit(logger, line)
 
     def _close(self, engine: Any) -> None:
-        for bar in (self._bar, self._epochs_bar):
-            if bar is not None:
-                bar.close()
-        self._bar = self._epochs_bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
 
 def _loss_of(output: Any) -> dict:
