@@ -314,3 +314,28 @@ def test_mil_errors_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = PooledPatchTextLoss()(patches.float(), txt.float())
     assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+def test_every_loss_with_a_reduction_honours_it_or_is_a_plain_module():
+    """``_Loss`` promises ``reduction``: each subclass in the package takes it as an argument and stores it; the
+    losses whose means run over tokens of the whole batch are plain modules instead."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import amvlm_monai.losses as pkg
+    from torch.nn.modules.loss import _Loss
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"amvlm_monai.losses.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(cls, torch.nn.Module):
+                found[name] = cls
+    losses = {n for n, c in found.items() if issubclass(c, _Loss)}
+    assert {"ImageTextContrastiveLoss", "CSSLoss", "ConsistencyLoss", "TextGuidedLoss"} <= losses
+    assert {"LocalGlobalLoss", "PooledPatchTextLoss", "ICLLoss"} & losses == set()
+    for name in losses:
+        assert "reduction" in inspect.signature(found[name]).parameters, name
+        with pytest.raises(ValueError, match="reduction"):
+            found[name](reduction="average")

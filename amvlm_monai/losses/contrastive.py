@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from amvlm_monai.losses.checks import (
@@ -145,7 +146,7 @@ def variance_weights(sim: torch.Tensor, mask: torch.Tensor, positives: Optional[
     return torch.where(mask, w, 0.0)
 
 
-class LocalGlobalLoss(_Loss):
+class LocalGlobalLoss(nn.Module):
     """L_local: token-to-global InfoNCE, weighted per token by an uncertainty weight (the authors' code).
 
     Image direction: for every patch p a ``B x B`` InfoNCE between ``v_i^p`` and all ``t_j^cls`` (target j = i),
@@ -162,6 +163,9 @@ class LocalGlobalLoss(_Loss):
     Dividing by the sample's maximum maps the weights to [0, 1] without a free scale, so the most uncertain token of
     each sample keeps weight 1. The weights are detached so the model cannot lower the loss by flattening its own
     similarity profile. With B <= 2 there is at most one negative, the variance is 0 and every real token gets 1.
+
+    A plain module, not a ``_Loss``: its mean runs over the tokens of the whole batch, so it has no per-sample
+    ``reduction``.
 
     Args:
         temperature: tau (> 0), default 0.07.
@@ -219,7 +223,7 @@ class LocalGlobalLoss(_Loss):
         return check_finite(loss, type(self).__name__)
 
 
-class PooledPatchTextLoss(_Loss):
+class PooledPatchTextLoss(nn.Module):
     """L_mil: image-report contrast on patch similarities pooled by a soft maximum (multiple-instance learning).
 
     Not in the paper; an option of this implementation (``mil_weight`` in ``pretrain.json``, 0 by default). The image
@@ -236,6 +240,9 @@ class PooledPatchTextLoss(_Loss):
     costs loss (tested).
     Measured on the demo (README): the lesion-pixel AUC of the patch-report similarity rose from 0.53-0.59 to
     0.62-0.64 and the initial text mask's Dice from 0 to 0.085 (all-ones mask 0.057).
+
+    A plain module, not a ``_Loss``: its mean runs over the tokens of the whole batch, so it has no per-sample
+    ``reduction``.
 
     Args:
         temperature: tau (> 0) of the contrast, default 0.07.

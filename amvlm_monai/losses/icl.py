@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-from torch.nn.modules.loss import _Loss
+from torch import nn
 
 from amvlm_monai.losses.checks import (
     check_finite,
@@ -26,7 +26,7 @@ from amvlm_monai.utils.distributed import gather, mean_count, rank
 __all__ = ["ICLLoss"]
 
 
-class ICLLoss(_Loss):
+class ICLLoss(nn.Module):
     """L_ICL = mean of four InfoNCE terms, each with the augmented view ``a`` as the other side.
 
     - coarse image: ``-1/B sum_i log softmax_j(sim(v_i^cls, v_{j,a}^cls) / tau)|_{j=i}``; coarse text likewise.
@@ -35,6 +35,9 @@ class ICLLoss(_Loss):
     - fine text: the same over word slots, with padding: only real (i, p) pairs are terms (and the mean is over them),
       and the softmax over j only includes texts j whose slot p is a real word. A slot that is real in one text only
       gives a term of 0 (a softmax over itself); a batch without any real word gives ``fine_text = 0``.
+
+    A plain module, not a ``_Loss``: its terms are means over the tokens of the whole batch, so it has no per-sample
+    ``reduction``.
 
     Args:
         temperature: tau (> 0), default 0.07.
