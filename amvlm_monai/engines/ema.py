@@ -11,9 +11,8 @@ Its BatchNorm statistics (``TEACHER_BN`` modes, chosen by the trainer's ``teache
 - ``"recompute"``: only the parameters are averaged; the running statistics are re-estimated on unlabelled
   batches (:func:`recompute_bn_statistics`) before the teacher labels an epoch and before it is validated;
 - ``"ema"``: the running statistics are averaged like the parameters and the teacher runs in eval mode. An average
-  of the student's statistics does not fit the averaged weights (measured on the demo: ``running_var`` 1.2-2.1x the
-  variance those weights produce, in every layer), activations shrink layer by layer and the teacher drifts to
-  predicting background; kept for comparison only.
+  of the student's statistics does not fit the averaged weights, activations shrink layer by layer and the teacher
+  drifts to predicting background (``docs/method.md``, "Measurements behind the defaults"); kept for comparison only.
 """
 
 from __future__ import annotations
