@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from ignite.engine import Events
 from conftest import REPORTS
 
 from amvlm_monai.engines.step import OptimStep
@@ -161,15 +162,18 @@ def test_cuda_amp_dtype_and_scaler():
 
 @CUDA
 def test_cuda_stage1_step_matches_cpu(tiny_amvlm):
-    """A few pretraining steps on the GPU in its default precision: losses within 5 % of the CPU's float32 run."""
+    """Three pretraining steps: on the GPU in float32 the CPU's losses to 1e-3; under the GPU's AMP the first step's
+    terms (same weights) within 5 % (or 0.05) of float32, and every step finite. Later AMP steps are not compared: Adam turns
+    rounding-level gradient differences into full steps, and on a 4-pair batch the trajectories part (measured on an
+    H200: step-2 loss 4.77 in float32 on both devices, 3.39 under bfloat16)."""
     import copy
 
     from amvlm_monai.engines.pretrainer import AMVLMPretrainer
 
     x = torch.randn(4, 1, 32, 32)
     batch = {"image": x, "image_aug": x.flip(-1), "text": REPORTS, "text_aug": REPORTS[::-1]}
-    losses = {}
-    for device, amp in (("cpu", False), ("cuda", True)):
+    runs = {}
+    for device, amp in (("cpu", False), ("cuda", False), ("cuda", True)):
         model = copy.deepcopy(tiny_amvlm).to(device)
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -177,11 +181,15 @@ def test_cuda_stage1_step_matches_cpu(tiny_amvlm):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         out = []
         trainer = AMVLMPretrainer(device, 1, [batch] * 3, model, opt, AMVLMLoss(), amp=amp)
-        trainer.add_event_handler("iteration_completed", lambda e: out.append(e.state.output["loss"]))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e, out=out: out.append(dict(e.state.output)))
         trainer.run()
-        losses[device] = out
-    for a, b in zip(losses["cuda"], losses["cpu"]):
-        assert math.isclose(a, b, rel_tol=0.05)
+        runs[device, amp] = out
+    for a, b in zip(runs["cuda", False], runs["cpu", False]):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3), (a, b)
+    first_amp, first = runs["cuda", True][0], runs["cpu", False][0]
+    for key in ("loss", "ita", "css", "local", "icl"):
+        assert math.isclose(first_amp[key], first[key], rel_tol=0.05, abs_tol=0.05), (key, first_amp[key], first[key])
+    assert all(math.isfinite(v) for o in runs["cuda", True] for v in o.values())
 
 
 @CUDA
