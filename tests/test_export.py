@@ -343,3 +343,145 @@ def test_training_time_sums_each_log_file(tmp_path):
                 w.add_scalar("x", 0.0, 0, walltime=1e9 + a)
                 w.add_scalar("x", 1.0, 1, walltime=1e9 + b)
     assert training_time(tmp_path).startswith("stage 1 (pretraining) 10 min, stage 2 (training) 35 min; 45 min in all")
+
+
+# ---- the model zoo's CI, in an environment made from the metadata alone ----------------------------------------------
+# A mirror of Project-MONAI/model-zoo ci/verify_bundle.py `verify(bundle, mode="full")` (its steps in order, named
+# after its functions) with the large files fetched as its ci/utils.py `download_large_files` fetches them. Offline
+# differences: the schema is the file the metadata names (prepare_schema.py downloads it to eval/schema.json), and the
+# zoo's models/model_info.json (released versions) is not here, so verify_version_changes checks the changelog only.
+ZOO_VERIFY = r"""
+import json, os, sys
+import torch
+from monai.apps.utils import download_url
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle.config_parser import ConfigParser
+
+bundle_path, schema = sys.argv[1:3]
+try:
+    import amvlm_monai
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit(f"amvlm_monai is importable from {amvlm_monai.__file__}: not a clean environment")
+sys.path = [bundle_path] + sys.path  # verify(): "add bundle path to ensure custom code can be used"
+
+# verify_bundle_directory(): download large files (ci/utils.py download_large_files), then the files it requires
+parser = ConfigParser()
+parser.read_config(os.path.join(bundle_path, "large_files.yml"))
+for lf_data in parser.get()["large_files"]:
+    lf_data["fuzzy"] = True
+    for key in ("hash_val", "hash_type"):
+        if key in lf_data and lf_data.get(key, "") == "":
+            lf_data.pop(key)
+    lf_data["filepath"] = os.path.join(bundle_path, lf_data.pop("path"))
+    download_url(**lf_data)
+for file in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+    if not os.path.exists(os.path.join(bundle_path, file)):
+        raise ValueError(f"necessary file {file} is not existing.")
+# verify_version_changes()
+meta_file = os.path.join(bundle_path, "configs/metadata.json")
+metadata = json.load(open(meta_file))
+assert metadata["version"] in metadata["changelog"], "version number is missing in 'changelog'"
+# verify_metadata_format()
+verify_metadata(meta_file=meta_file, filepath=schema)
+# verify_bundle_properties(): only for the apps of supported_apps that have a bundle_properties.py in the zoo
+assert not metadata.get("supported_apps"), metadata.get("supported_apps")
+# verify_data_shape()
+config_file = os.path.join("configs", "inference.json")
+verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=os.path.join(bundle_path, config_file),
+                  bundle_root=bundle_path)
+# verify_torchscript()
+ckpt_export(net_id="network_def", filepath=os.path.join(bundle_path, "models/verify_model.ts"),
+            ckpt_file=os.path.join(bundle_path, "models", "model.pt"), meta_file=meta_file,
+            config_file=os.path.join(bundle_path, config_file), bundle_root=bundle_path)
+torch.jit.load(os.path.join(bundle_path, "models", "model.ts"))
+# and every config file loads (the zoo's ci/unit_tests run them; here: they parse)
+for root, _, files in os.walk(os.path.join(bundle_path, "configs")):
+    for f in files:
+        if f.endswith(".json"):
+            ConfigParser.load_config_file(os.path.join(root, f))
+print("ZOO VERIFY OK")
+"""
+
+# pip's words for a registry it cannot reach (as against a package or version the registry does not have)
+UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+               "Network is unreachable", "ProxyError", "ConnectTimeoutError", "Read timed out", "Could not fetch URL")
+
+
+def zoo_requirements(meta: dict) -> list[str]:
+    """What the zoo's ci/get_bundle_requirements.py `get_requirements` installs for a bundle: monai, torch and numpy
+    at the metadata's versions, then every optional_packages_version and required_packages_version entry."""
+    libs = [f"monai=={meta['monai_version']}", f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"]
+    for key in ("optional_packages_version", "required_packages_version"):
+        libs += [f"{name}=={version}" for name, version in meta.get(key, {}).items()]
+    return libs
+
+
+@pytest.fixture(scope="module")
+def zoo_python(exported, tmp_path_factory):
+    """A fresh venv with torch, then the exported metadata's packages, from pip: nothing of this environment or
+    repository. Skipped when pip cannot reach the registry; removed afterwards (it is over 2 GB)."""
+    meta = json.loads((exported["folder"] / "configs" / "metadata.json").read_text())
+    root = tmp_path_factory.mktemp("zoo_venv")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    (root / "requirements.txt").write_text("\n".join(zoo_requirements(meta)) + "\n")
+    try:
+        for args in (["torch==" + meta["pytorch_version"]], ["-r", str(root / "requirements.txt")]):
+            proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", *args], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=900)
+            out = proc.stdout + proc.stderr
+            if proc.returncode != 0:
+                if any(word in out for word in UNREACHABLE):
+                    pytest.skip(f"pip cannot reach the package registry: {out.strip().splitlines()[-1]}")
+                pytest.fail(f"pip install {' '.join(args)} failed:\n{out[-4000:]}")
+        yield python, env
+    finally:  # in the background: tens of thousands of files
+        subprocess.Popen(["rm", "-rf", str(root)], start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_zoo_ci_passes_in_a_venv_made_from_the_metadata(exported, zoo_python, tmp_path):
+    """The zoo's `verify_bundle.py -m full` with the weights removed and served from a file:// URL, then the
+    README's commands as written (download, ckpt_export on train.json, inference), with monai.bundle alone."""
+    python, env = zoo_python
+    env = dict(env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2", AMVLM_PROGRESS="log")
+
+    def bundle_without_weights(name):
+        dst = tmp_path / name
+        shutil.copytree(exported["folder"], dst)
+        for f in ("model.pt", "model.ts"):
+            (dst / "models" / f).unlink()  # as in the zoo's pull request: large_files.yml only
+        return dst
+
+    def run(args, cwd):
+        proc = subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    zoo = bundle_without_weights("zoo")
+    assert "ZOO VERIFY OK" in run(["-c", ZOO_VERIFY, str(zoo), str(SCHEMA)], tmp_path)
+
+    user = bundle_without_weights("user")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray((torch.rand(40, 48) * 255).byte().numpy()).save(images / f"case{i}.png")
+    lines = readme_commands(user / "docs" / "README.md")
+    for key in ("download_large_files", "ckpt_export", "run inferring"):
+        line = next(c for c in lines if key in c).replace("/path/to/images", str(images))
+        run(shlex.split(line)[1:], user)
+        if key == "download_large_files":  # fetched, with the hashes large_files.yml gives
+            for f in ("model.pt", "model.ts"):
+                assert (user / "models" / f).read_bytes() == (exported["server"] / f).read_bytes()
+    scripted = torch.jit.load(str(user / "models" / "model.ts"))  # what ckpt_export wrote from train.json
+    x = torch.randn(1, 1, 32, 32)
+    assert torch.allclose(scripted(x), exported["net"](x), atol=1e-5)
+    masks = sorted((user / "predictions").glob("*.png"))
+    assert [m.name for m in masks] == ["case0_mask.png", "case1_mask.png"] and Image.open(masks[0]).size == (48, 40)
