@@ -38,3 +38,15 @@ def test_verify_net_in_out_passes_in_every_bundle_without_a_trained_model(tmp_pa
     assert len(BUNDLES) == 4
     # the defaults are the bundle's training settings, and the run says that it used them
     assert "models/model_info.json: no model info" in out and "'out_channels': 20" in out
+
+
+def test_every_bundle_declares_what_monai_bundle_needs_for_the_zoo_checks():
+    """``python -m monai.bundle`` needs fire, verify_metadata jsonschema, large_files.yml pyyaml: MONAI itself
+    requires none of them, so the zoo's environment (made from the metadata) has them only if they are declared."""
+    import json
+
+    from amvlm_monai.workflows.export import BUNDLE_TOOLS
+
+    for bundle in BUNDLES:
+        packages = json.loads((bundle / "configs" / "metadata.json").read_text())["required_packages_version"]
+        assert set(BUNDLE_TOOLS) <= set(packages), bundle.name

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGE1 = {"image_size": 32, "batch_size": 4, "num_workers": 0, "amp": False, "max_epochs": 1, "cache_rate": 0.0,
           "network_def#patch_size": 8, "network_def#vit_width": 32, "network_def#vit_depth": 1,
           "network_def#vit_heads": 2, "network_def#vit_mlp": 64, "network_def#text_layers": 1,
-          "network_def#embed_dim": 16, "network_def#head_hidden": 32, "network_def#pdt_heads": 2}
+          "network_def#embed_dim": 16, "network_def#head_hidden": 32, "network_def#pdt_heads": 2,
+          "tensorboard": False}
 STAGE2 = {"image_size": 32, "unet_size": "light", "batch_size": 4, "unlabeled_batch_size": 4, "num_workers": 0,
-          "amp": False, "max_epochs": 1, "cache_rate": 0.0}
+          "amp": False, "max_epochs": 1, "cache_rate": 0.0, "tensorboard": False}
 
 
 def check_workflow(workflow, check_properties: bool = False) -> None:
@@ -53,7 +54,7 @@ def run_bundle(name: str, data: Path, work: Path, infer_count: int = 2) -> Path:
     # the evaluation overrides train.json, so it is a "train" workflow, as in the zoo's tests
     check_workflow(ConfigWorkflow(workflow_type="train", config_file=[str(configs / "train.json"),
                                                                       str(configs / "evaluate.json")],
-                                  dataset_dir=str(data), **STAGE2, **common), check_properties=True)
+                                  dataset_dir=str(data), eval_panels=1, **STAGE2, **common), check_properties=True)
     images = work / "images"
     images.mkdir()
     for item in load_datalist(data / "datalist.json", "test")[:infer_count]:
