@@ -286,7 +286,8 @@ def test_readme_sections_drop_repo_only_blocks_and_a_repository_command_is_refus
     from amvlm_monai.workflows.export import export_readme, readme_sections
 
     text = ("# T\n\n## Data\nkept\n<!-- repo-only -->\n```bash\npython -m data_prep.qata --src a\n```\n"
-            "<!-- /repo-only -->\nalso kept <!-- repo-only -->(not this)<!-- /repo-only --> end\n## **Limitations**\nL\n")
+            "<!-- /repo-only -->\nalso kept <!-- repo-only -->(not this)<!-- /repo-only --> end\n"
+            "## **Limitations**\nL\n")
     assert readme_sections(text) == {"data": "kept\nalso kept  end", "limitations": "L"}
     source = tmp_path / "README.md"
     source.write_text("## Data\nConvert: `python -m data_prep.qata --src a`\n")

@@ -2,7 +2,7 @@
 
     python -m amvlm_monai.workflows.export --bundle qata_covid19_cxr_segmentation --model-dir runs/qata/models \\
         --eval-dir runs/qata/eval --out dist/ [--set image_size=64 --set unet_size='"light"'] \\
-        [--weights-url https://example.org/weights/qata/ | --weights-url 'https://example.org/{bundle}_v{version}_{name}']
+        [--weights-url https://example.org/weights/qata/]  # or a template: 'https://example.org/{bundle}_{name}'
 
 writes ``dist/<bundle>/`` and ``dist/<bundle>.zip`` holding:
 
@@ -432,7 +432,8 @@ TRAINING_LOGS = {"stage 1 (pretraining)": "amvlm_pretrained_tensorboard", "stage
 def training_time(model_dir: Path) -> Optional[str]:
     """The wall-clock training time read from the TensorBoard logs the bundles write under ``model_dir``
     (``amvlm_pretrained_tensorboard/`` for stage 1, ``tensorboard/`` for stage 2): per event file, the time of the
-    last logged value minus the first's, summed (a resumed run starts a new file, so the pause is not counted). None without logs."""
+    last logged value minus the first's, summed (a resumed run starts a new file, so the pause is not counted).
+    None without logs."""
     parts, total = [], 0.0
     for stage, folder in TRAINING_LOGS.items():
         files = sorted(Path(model_dir, folder).rglob("events.out.tfevents.*"))
@@ -454,7 +455,7 @@ def training_time(model_dir: Path) -> Optional[str]:
 
 # ---- docs ---------------------------------------------------------------------------------------------------------
 def readme_sections(text: str) -> dict[str, str]:
-    """``## Title`` (lower case, without ``*``) -> the section's text, with its ``<!-- repo-only -->`` blocks removed."""
+    """``## Title`` (lower case, without ``*``) -> the section's text, without its ``<!-- repo-only -->`` blocks."""
     sections: dict[str, list[str]] = {}
     current = None
     for line in REPO_ONLY.sub("", text).splitlines():
@@ -723,8 +724,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = export_bundle(args.bundle, args.model_dir, args.out, eval_dir=args.eval_dir,
-                                overrides=parse_key_values(args.set), weights_url=args.weights_url, version=args.version,
-                                overwrite=args.overwrite, training_time_text=args.training_time)
+                                overrides=parse_key_values(args.set), weights_url=args.weights_url,
+                                version=args.version, overwrite=args.overwrite,
+                                training_time_text=args.training_time)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

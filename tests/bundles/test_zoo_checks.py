@@ -50,3 +50,18 @@ def test_every_bundle_declares_what_monai_bundle_needs_for_the_zoo_checks():
     for bundle in BUNDLES:
         packages = json.loads((bundle / "configs" / "metadata.json").read_text())["required_packages_version"]
         assert set(BUNDLE_TOOLS) <= set(packages), bundle.name
+
+
+def test_every_bundle_readme_gives_an_export_readme_without_repository_commands():
+    """The export lifts these READMEs' sections; text naming a command of this repository (a converter, an
+    amvlm_monai module, make) must be inside <!-- repo-only --> blocks, else the export refuses the README."""
+    import json
+    import re
+
+    from amvlm_monai.workflows.export import export_readme
+
+    for bundle in BUNDLES:
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        text = export_readme(bundle / "docs" / "README.md", meta, "", None, 1.0, "/data/x")
+        assert "Not described" not in text and "${" not in text, bundle.name
+        assert not re.search(r"(?<![\w.])(data_prep|amvlm_monai)\.|repo-only", text), bundle.name
