@@ -109,6 +109,7 @@ def test_export_layout_metadata_and_zip(exported):
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
     infer = json.loads((b / "configs" / "inference.json").read_text())
     assert infer["network_def"]["_target_"] == "UNet" and infer["image_size"] in (32, [32, 32])
+    assert "model_info" not in infer and "model_defaults" not in infer  # the settings are stated, nothing reads them
     assert (b / "models" / "model_info.json").is_file()
     for path in (b / "configs").rglob("*.json"):
         text = path.read_text().replace("scripts.amvlm_monai.", "")

@@ -527,7 +527,8 @@ def export_readme(source: Optional[Path], meta: dict, provenance: str, train_tim
         "performance": f"{performance} From the {detail[0].lower() + detail[1:]}" if detail else performance,
         "training_time": train_time or "not recorded (give it with the export's --training-time).",
         "reference": (f"#### **Reference results**\n{sections['performance']}" if sections.get("performance") else ""),
-        "weights_mb": f"{weights_mb:.1f}",
+        "weights_mb": f"{weights_mb:.1f}" + (", over the zoo's 25 MB file limit" if weights_mb * 2**20 > ZOO_FILE_LIMIT
+                                             else ""),
         "dataset_dir": dataset_dir,
         "system": section("system configuration"),
         "limitations": section("limitations"),
@@ -632,6 +633,9 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
         logger.warning(f"{name}: network_def is not a plain MONAI network; inference.json keeps the vendored factory.")
     frozen = {k: v for k, v in inference.items() if source_inference.get(k) != v and k != "network_def"}
     _match_train(configs, frozen, model)  # --set values are in every config already
+    if not any("@model_info" in json.dumps(v) for k, v in inference.items() if k != "model_info"):
+        for key in ("model_info", "model_defaults"):  # read by nothing now that the settings are stated
+            inference.pop(key, None)
     texts: dict[str, str] = {}
     for rel, config in configs.items():
         if isinstance(config.get("initialize"), list):
