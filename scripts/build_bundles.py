@@ -7,6 +7,10 @@
 
 A setting replaces the top-level key of that name in every template config that has it; a setting that no config
 uses is an error (it would be a silent typo). ``metadata.json`` is per bundle and never generated.
+
+``inference.json``'s ``model_defaults`` (what inference assumes when no ``model_info.json`` lies beside the weights,
+so that ``verify_net_in_out`` builds ``network_def`` in a fresh checkout) take ``train.json``'s values of the same
+keys: a model of the bundle's own training configuration.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def _value(value):
 def render(name: str, settings: dict) -> dict[Path, str]:
     """Relative path -> file text of one bundle's configs."""
     files: dict[Path, str] = {}
+    configs: dict[Path, dict] = {}
     used: set[str] = set()
     for src in sorted(TEMPLATE.rglob("*")):
         if not src.is_file():
@@ -42,16 +47,25 @@ def render(name: str, settings: dict) -> dict[Path, str]:
         if src.suffix != ".json":
             files[rel] = src.read_text()
             continue
-        config = json.loads(src.read_text())
+        config = configs[rel] = json.loads(src.read_text())
         for key, value in settings.items():
             if key in config:
                 config[key] = _value(value)
                 used.add(key)
-        files[rel] = json.dumps(config, indent=4) + "\n"
     unused = set(settings) - used
     if unused:
         raise ValueError(f"{SETTINGS}: settings of '{name}' used by no template config: {sorted(unused)}")
-    return files
+    model_defaults(configs)
+    files.update({rel: json.dumps(config, indent=4) + "\n" for rel, config in configs.items()})
+    return dict(sorted(files.items()))
+
+
+def model_defaults(configs: dict[Path, dict]) -> None:
+    """Set ``inference.json``'s ``model_defaults`` to ``train.json``'s values of the same keys (in place)."""
+    infer, train = configs.get(Path("inference.json"), {}), configs.get(Path("train.json"), {})
+    defaults = infer.get("model_defaults")
+    if isinstance(defaults, dict):
+        infer["model_defaults"] = {k: train.get(k, v) for k, v in defaults.items()}
 
 
 def bundles() -> dict[str, dict]:

@@ -143,3 +143,19 @@ def test_save_model_info_checks_at_start_and_writes_after_the_first_step(tmp_pat
     with pytest.raises(DataError, match="do not describe the network being trained"):
         wrong.run([0], max_epochs=1)
     assert not (tmp_path / "w" / "model_info.json").exists()
+
+
+def test_read_model_info_returns_the_defaults_only_when_the_file_is_missing(tmp_path, caplog):
+    from amvlm_monai.io.model_info import make_model_info, read_model_info, write_model_info
+    from amvlm_monai.utils.errors import DataError
+
+    defaults = {"image_size": 224, "in_channels": 1, "out_channels": 1, "unet_size": "paper"}
+    with caplog.at_level("WARNING"):
+        info = read_model_info(tmp_path / "model.pt", defaults=defaults)
+    assert info == defaults and info is not defaults
+    assert "model_info.json: no model info" in caplog.text
+    (tmp_path / "model_info.json").write_text("{")
+    with pytest.raises(DataError, match="unreadable model info"):  # a broken file is not replaced by defaults
+        read_model_info(tmp_path / "model.pt", defaults=defaults)
+    write_model_info(tmp_path / "model_info.json", make_model_info({"in_channels": 1, "out_channels": 2}, 32))
+    assert read_model_info(tmp_path / "model.pt", defaults=defaults)["out_channels"] == 2

@@ -105,18 +105,26 @@ def write_model_info(path: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_model_info(model: str | os.PathLike, required: bool = True) -> Optional[dict]:
+def read_model_info(model: str | os.PathLike, required: bool = True,
+                    defaults: Optional[Mapping[str, Any]] = None) -> Optional[dict]:
     """The model info beside ``model`` (a ``model.pt`` path, or the folder holding it).
 
     Args:
         model: the model file (the info is ``model_info.json`` in its folder) or a folder.
         required: raise when there is none (else return None).
+        defaults: returned (a copy) when there is none, with a warning naming the missing file: the settings a
+            bundle's own training configuration gives its model (the bundles' ``model_defaults``), so that a fresh
+            bundle's ``network_def`` builds before any training run.
 
     Raises:
-        DataError: naming the file, when it is missing (with ``required``), unreadable or not a model info.
+        DataError: naming the file, when it is missing (with ``required`` and no ``defaults``), unreadable or not a
+            model info.
     """
     path = info_path(model)
     if not path.is_file():
+        if defaults is not None:
+            logger.warning(f"{path}: no model info beside {model}; using the bundle's defaults {dict(defaults)}.")
+            return dict(defaults)
         if not required:
             return None
         raise DataError(f"{path}: no model info beside {model} (a training run of this project writes it when it "

@@ -1,23 +1,38 @@
 """Export a bundle that runs without this repository, as the MONAI model zoo ships bundles.
 
     python -m amvlm_monai.workflows.export --bundle qata_covid19_cxr_segmentation --model-dir runs/qata/models \\
-        --eval-dir runs/qata/eval --out dist/ [--set image_size=64 --set unet_size='"light"'] [--weights-url URL]
+        --eval-dir runs/qata/eval --out dist/ [--set image_size=64 --set unet_size='"light"'] \\
+        [--weights-url https://example.org/weights/qata/]  # or a template: 'https://example.org/{bundle}_{name}'
 
 writes ``dist/<bundle>/`` and ``dist/<bundle>.zip`` holding:
 
 - ``configs/``: the bundle's configs with every ``amvlm_monai...`` target pointing at ``scripts.amvlm_monai...``
   (the zoo's convention: code a bundle needs lives in its ``scripts/`` folder and ``monai.bundle run`` puts the
   bundle root on ``sys.path``); ``--set KEY=JSON`` overrides a top-level key in every config that has it (the
-  settings the weights were trained with). ``inference.json``'s ``network_def`` is the plain MONAI network
-  (``UNet`` ...) with its arguments spelled out, checked to load the weights and give the same outputs, so that
-  ``verify_net_in_out`` and ``ckpt_export`` need nothing but MONAI.
+  settings the weights were trained with). ``inference.json`` states the settings read from ``model_info.json``
+  beside the weights, and its ``network_def`` is the plain MONAI network (``UNet`` ...) with its arguments spelled
+  out, checked to load the weights and give the same outputs, so that ``verify_net_in_out`` and ``ckpt_export`` need
+  nothing but MONAI. ``train.json`` gets the same network settings (checked to load the weights), so that
+  ``ckpt_export`` on it, the command of the bundle's README, exports these weights.
 - ``scripts/amvlm_monai/``: this package's source with its imports made relative to ``scripts``.
-- ``models/model.pt`` and ``large_files.yml`` (its URL and MD5: the zoo keeps weights out of its repository; the
-  paper-size U-Net is over its 25 MB file limit). The URL is a placeholder unless ``--weights-url`` is given.
+- ``models/model.pt``, ``models/model.ts`` (TorchScript, as ``monai.bundle ckpt_export`` writes it) and the
+  settings beside them (``model_info.json``, ``model.json``); ``large_files.yml`` lists both weights files with
+  their URL and SHA-256 hash, as the zoo asks (it keeps weights out of its repository; the paper-size U-Net is over
+  its 25 MB file limit) and as ``python -m monai.bundle download_large_files`` reads it.
+  ``--weights-url`` says where the two files will be uploaded: a URL with ``{name}`` (the file name, ``model.pt``
+  or ``model.ts``), optionally ``{bundle}`` and ``{version}``, is a template; any other URL is the folder both files
+  go in (``https://host/dir`` and ``https://host/dir/`` both give ``https://host/dir/model.pt``); ``file://`` URLs
+  work too. Without it the URLs are placeholders and the export warns: upload the files, then export again with
+  ``--weights-url``, or edit the ``url`` lines.
 - ``configs/metadata.json`` with ``eval_metrics`` read from the evaluation of the weights (MetricsSaver's
   ``metrics.csv``, or the per-image ``scores_*.csv``), the monai/torch/numpy versions of this environment and
-  ``required_packages_version``: the registry packages the vendored code imports (and the readers MONAI uses for the
-  bundle's files), at the versions installed here. ``amvlm-monai`` itself is not listed: it is not on the registry.
+  ``required_packages_version``: the registry packages the vendored code imports, the readers MONAI uses for the
+  bundle's files, and what ``python -m monai.bundle`` needs for the zoo's checks (``fire``, ``jsonschema``,
+  ``pyyaml``), at the versions installed here. ``amvlm-monai`` itself is not listed: it is not on the registry.
+- ``docs/README.md`` in the zoo's README layout (``bundles/_template/docs/export_readme.md``): the bundle's own
+  README sections (without its ``<!-- repo-only -->`` blocks, which name the repository's commands), input and
+  output from the metadata, these weights' scores and training time (``--training-time``, else measured from the
+  run's TensorBoard logs under ``--model-dir``), and only commands this bundle ships.
 """
 
 from __future__ import annotations
@@ -54,11 +69,32 @@ VENDOR = "scripts"
 ZOO_FILE_LIMIT = 25 * 1024 * 1024
 
 
-WEIGHTS_URL_PLACEHOLDER = "TO BE FILLED: the URL where models/model.pt is uploaded"
+WEIGHTS_URL_PLACEHOLDER = "TO BE FILLED: the URL where models/{name} is uploaded"
 
 
-# packages used through MONAI rather than imported by the code: image readers and TensorBoard
-RUNTIME_PACKAGES = ("pillow", "nibabel", "tensorboard")
+WEIGHT_FILES = ("model.pt", "model.ts")  # what large_files.yml lists, as the zoo's bundles do
+
+
+HASH_TYPE = "sha256"
+
+
+# what `python -m monai.bundle` needs for the zoo's checks: fire (its command line), jsonschema (verify_metadata),
+# pyyaml (large_files.yml)
+BUNDLE_TOOLS = ("fire", "jsonschema", "pyyaml")
+
+
+# packages used through MONAI rather than imported by the code: image readers, TensorBoard, the bundle tools
+RUNTIME_PACKAGES = ("pillow", "nibabel", "tensorboard") + BUNDLE_TOOLS
+
+
+README_TEMPLATE = REPO_BUNDLES / "_template" / "docs" / "export_readme.md"
+
+
+REPO_ONLY = re.compile(r"<!-- repo-only -->.*?<!-- /repo-only -->\n?", re.DOTALL)
+
+
+# commands of the repository that an exported bundle does not ship
+_REPO_COMMAND = re.compile(r"(?<![\w.])(?:data_prep|amvlm_monai)\.\w+|\bmake (?:demo|test|bench)\b")
 
 
 BASE_PACKAGES = {"torch", "numpy", "monai"}  # metadata has fields of their own for these
@@ -246,6 +282,15 @@ def _freeze(config: dict, model: Path) -> dict:
     return frozen
 
 
+def example_input(inference: dict, batch: int = 2):
+    """A seeded random batch of the network's input shape (``image_size``, ``in_channels`` of ``inference``)."""
+    import torch
+
+    size = inference.get("image_size", 64)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    return torch.randn(batch, int(inference.get("in_channels", 1)), h, w, generator=torch.Generator().manual_seed(0))
+
+
 def _plain_network(inference: dict, model: Path) -> tuple[Optional[dict], Any]:
     """(MONAI network_def or None, the original network with the weights loaded)."""
     import torch
@@ -263,9 +308,7 @@ def _plain_network(inference: dict, model: Path) -> tuple[Optional[dict], Any]:
     _load_weights(plain, model, f"the MONAI network {spec['_target_']}")
     original.eval()
     plain.eval()
-    size = inference.get("image_size", 64)
-    size = size if isinstance(size, int) else size[0]
-    x = torch.randn(2, int(inference.get("in_channels", 1)), size, size, generator=torch.Generator().manual_seed(0))
+    x = example_input(inference)
     with torch.no_grad():
         same = torch.allclose(original(x), plain(x), atol=1e-5)
     return (spec if same else None), original
@@ -310,18 +353,216 @@ def read_eval_metrics(eval_dir: Path) -> tuple[dict[str, float], str]:
     return metrics, f"eval_metrics: evaluation of these weights on {where}{count} (per-image means)."
 
 
-# ---- the bundle ------------------------------------------------------------------------------------------------
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+# ---- weights --------------------------------------------------------------------------------------------------
+def weights_urls(url: Optional[str], names: Sequence[str] = WEIGHT_FILES, bundle: str = "",
+                 version: str = "") -> dict[str, str]:
+    """The download URL of each weights file in ``names``.
+
+    Args:
+        url: a template with ``{name}`` (the file name) and optionally ``{bundle}``, ``{version}``; or the URL of the
+            folder the files are uploaded to (the file name is appended, after a ``/`` where it has none); or None:
+            placeholders (the export then warns).
+        names: the file names (``model.pt``, ``model.ts``).
+        bundle, version: values of ``{bundle}`` and ``{version}``.
+
+    Raises:
+        ValueError: a URL of another scheme than http(s), ftp or file, or a template with other fields.
+    """
+    from urllib.parse import urlparse
+
+    if not url:
+        return {n: WEIGHTS_URL_PLACEHOLDER.format(name=n) for n in names}
+    if urlparse(url).scheme not in ("http", "https", "ftp", "file"):
+        raise ValueError(f"--weights-url {url!r}: not an http(s), ftp or file:// URL.")
+    if "{" in url or "}" in url:
+        try:
+            urls = {n: url.format(name=n, bundle=bundle, version=version) for n in names}
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"--weights-url {url!r}: a template may use {{name}}, {{bundle}} and {{version}} "
+                             f"only ({type(e).__name__}: {e}).") from None
+        if len(set(urls.values())) < len(urls):
+            raise ValueError(f"--weights-url {url!r}: a template needs {{name}} (one URL per file).")
+        return urls
+    base = url if url.endswith("/") else url + "/"
+    return {n: base + n for n in names}
+
+
+def file_hash(path: Path, hash_type: str = HASH_TYPE) -> str:
+    """The hex digest of a file (``md5``, ``sha1``, ``sha256``, ``sha512``: what ``large_files.yml`` allows)."""
+    h = hashlib.new(hash_type)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
+def large_files_yml(models: Path, urls: dict[str, str], hash_type: str = HASH_TYPE) -> str:
+    """``large_files.yml`` in the zoo's format: ``path``, ``url``, ``hash_val``, ``hash_type`` of each file in
+    ``urls`` (name -> URL; the files are in ``models``)."""
+    lines = ["large_files:"]
+    for name, url in urls.items():
+        lines += [f"  - path: {json.dumps('models/' + name)}", f"    url: {json.dumps(url)}",
+                  f'    hash_val: "{file_hash(models / name, hash_type)}"', f'    hash_type: "{hash_type}"']
+    return "\n".join(lines) + "\n"
+
+
+def write_torchscript(net, path: Path, meta: dict, configs: dict[str, str], example) -> None:
+    """``net`` as TorchScript with ``meta`` and the ``configs`` (file name -> JSON text) inside, as
+    ``monai.bundle ckpt_export`` writes it; the scripted module is checked against ``net`` on ``example``."""
+    import torch
+    from monai.data import save_net_with_metadata
+    from monai.networks.utils import convert_to_torchscript
+
+    scripted = convert_to_torchscript(net.eval(), verify=True, inputs=[example], device=torch.device("cpu"),
+                                      atol=1e-5)
+    save_net_with_metadata(scripted, str(path), meta_values=meta,
+                           more_extra_files={name: text.encode() for name, text in configs.items()})
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{int(round(seconds))} s"
+
+
+TRAINING_LOGS = {"stage 1 (pretraining)": "amvlm_pretrained_tensorboard", "stage 2 (training)": "tensorboard"}
+
+
+def training_time(model_dir: Path) -> Optional[str]:
+    """The wall-clock training time read from the TensorBoard logs the bundles write under ``model_dir``
+    (``amvlm_pretrained_tensorboard/`` for stage 1, ``tensorboard/`` for stage 2): per event file, the time of the
+    last logged value minus the first's, summed (a resumed run starts a new file, so the pause is not counted).
+    None without logs."""
+    parts, total = [], 0.0
+    for stage, folder in TRAINING_LOGS.items():
+        files = sorted(Path(model_dir, folder).rglob("events.out.tfevents.*"))
+        if not files:
+            continue
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        seconds = 0.0
+        for f in files:
+            times = [e.wall_time for e in EventFileLoader(str(f)).Load() if e.summary.value]  # logged values
+            seconds += max(times) - min(times) if times else 0.0
+        parts.append(f"{stage} {_duration(seconds)}")
+        total += seconds
+    if not parts:
+        return None
+    return (", ".join(parts) + (f"; {_duration(total)} in all" if len(parts) > 1 else "")
+            + " (wall-clock, from the TensorBoard logs of the run).")
+
+
+# ---- docs ---------------------------------------------------------------------------------------------------------
+def readme_sections(text: str) -> dict[str, str]:
+    """``## Title`` (lower case, without ``*``) -> the section's text, without its ``<!-- repo-only -->`` blocks."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in REPO_ONLY.sub("", text).splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip().strip("*").strip().lower()
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def _io_text(spec: dict, classes: str) -> str:
+    n = spec.get("num_channels", 1)
+    shape = " x ".join(str(s) for s in spec.get("spatial_shape", []))
+    rng = spec.get("value_range") or []
+    values = f", values in [{rng[0]}, {rng[1]}]" if len(rng) == 2 else ""
+    lines = [f"{n} channel{'s' if n != 1 else ''} of {shape} {spec.get('dtype', 'float32')}{values}: {classes}"]
+    lines += [f"- channel {k}: {v}" for k, v in spec.get("channel_def", {}).items()]
+    return "\n".join(lines)
+
+
+def network_summary(inference: dict) -> str:
+    """One line saying what network ``inference.json`` builds, e.g. ``UNet (unet_size "light"), 1 -> 1 channels,
+    32 x 32 px``."""
+    target = str((inference.get("network_def") or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+    size = inference.get("image_size")
+    shape = f"{size} x {size}" if isinstance(size, int) else " x ".join(str(s) for s in size or [])
+    preset = f' (unet_size "{inference["unet_size"]}")' if isinstance(inference.get("unet_size"), str) else ""
+    return (f"`{target}`{preset}, {inference.get('in_channels')} -> {inference.get('out_channels')} channels, "
+            f"{shape} px input (`network_def` of `configs/inference.json` and `configs/train.json`)")
+
+
+def export_readme(source: Optional[Path], meta: dict, provenance: str, train_time: Optional[str], weights_mb: float,
+                  dataset_dir: str, network: str = "", template: Path = README_TEMPLATE) -> str:
+    """The exported bundle's ``docs/README.md``: ``template`` (the zoo's README layout) filled from the source
+    README's sections (``source``, may be None), the metadata, the evaluation's provenance, the training time and
+    the network (`network_summary`).
+
+    Raises:
+        ValueError: naming ``source``, when a section it contributes names a command of this repository (a converter
+            in ``data_prep``, an ``amvlm_monai`` module, ``make``) outside ``<!-- repo-only -->`` blocks: the exported
+            bundle does not ship it.
+    """
+    import string
+
+    sections = readme_sections(source.read_text()) if source is not None and source.is_file() else {}
+    missing = "Not described in the source bundle's README."
+
+    def section(*names: str) -> str:
+        return "\n\n".join(sections[n] for n in names if sections.get(n)) or missing
+
+    fmt = meta.get("network_data_format", {})
+    inputs = next(iter(fmt.get("inputs", {}).values()), {})
+    outputs = next(iter(fmt.get("outputs", {}).values()), {})
+    scores = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in meta.get("eval_metrics", {}).items())
+    performance = f"These weights: {scores}." if scores else "These weights have not been evaluated."
+    detail = provenance.split("eval_metrics:", 1)[-1].strip()
+    refs = meta.get("references") or []
+    fields = {
+        "title": meta.get("name", ""),
+        "network": network or "see `configs/inference.json`",
+        "authors": sections.get("authors") or meta.get("authors", missing),
+        "tags": sections.get("tags") or meta.get("task", missing),
+        "description": section("description", "model overview"),
+        "data": section("data"),
+        "preprocessing": section("preprocessing"),
+        "inputs": _io_text(inputs, meta.get("image_classes", "")),
+        "outputs": _io_text(outputs, meta.get("pred_classes", "")),
+        "performance": f"{performance} From the {detail[0].lower() + detail[1:]}" if detail else performance,
+        "training_time": train_time or "not recorded (give it with the export's --training-time).",
+        "reference": (f"#### **Reference results**\n{sections['performance']}" if sections.get("performance") else ""),
+        "weights_mb": f"{weights_mb:.1f}" + (", over the zoo's 25 MB file limit" if weights_mb * 2**20 > ZOO_FILE_LIMIT
+                                             else ""),
+        "dataset_dir": dataset_dir,
+        "system": section("system configuration"),
+        "limitations": section("limitations"),
+        "citation": section("citation"),
+        "references": "\n".join(f"[{i}] {r}" for i, r in enumerate(refs, 1)) or missing,
+        "license": sections.get("license") or f"See `LICENSE`. {meta.get('copyright', '')}".strip(),
+    }
+    for name in ("authors", "tags", "description", "data", "preprocessing", "reference", "system", "limitations",
+                 "citation", "license"):
+        found = _REPO_COMMAND.search(fields[name])
+        if found:
+            raise ValueError(f"{source}: its '{name}' section names '{found.group(0)}', a command of the amvlm-monai "
+                             "repository that the exported bundle does not ship; put it between <!-- repo-only --> "
+                             "and <!-- /repo-only -->.")
+    text = string.Template(template.read_text()).substitute(fields)
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
+
+
+# ---- the bundle ------------------------------------------------------------------------------------------------
+def _match_train(configs: dict[str, dict], frozen: dict, model: Path) -> None:
+    """Give ``train.json`` the network settings ``inference.json`` states for these weights (the keys it read from
+    ``model_info.json``), so that its ``network_def`` is the exported network: checked to load the weights."""
+    train = configs.get("train.json")
+    if train is None or "network_def" not in train:
+        return
+    for key, value in frozen.items():
+        if key in train:
+            train[key] = value
+    _load_weights(_parse(train, "network_def"), model, "train.json's network_def")
+
+
 def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, eval_dir: Optional[str | Path] = None,
                   overrides: Optional[dict] = None, weights_url: Optional[str] = None, version: Optional[str] = None,
-                  overwrite: bool = False) -> dict[str, Path]:
+                  overwrite: bool = False, training_time_text: Optional[str] = None) -> dict[str, Path]:
     """Write the stand-alone bundle folder and its zip (see the module docstring).
 
     Args:
@@ -331,9 +572,12 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
         eval_dir: the evaluation output of these weights (default: the first of ``<model_dir>/../eval``,
             ``<model_dir>/eval`` and ``<model_dir>`` that holds ``metrics.csv`` or ``scores_*.csv``).
         overrides: top-level config keys to set in every config that has them (e.g. ``{"image_size": 64}``).
-        weights_url: where ``models/model.pt`` is downloaded from (``large_files.yml``).
+        weights_url: where ``models/model.pt`` and ``models/model.ts`` are downloaded from (`weights_urls`); None
+            leaves placeholders in ``large_files.yml`` and logs a warning saying how to fill them.
         version: the bundle version (default: the source metadata's).
         overwrite: replace an existing ``out/<name>``.
+        training_time_text: how long training took (and on what), for the README; default: measured from the
+            TensorBoard logs under ``model_dir`` (`training_time`).
 
     Returns:
         ``{"folder": path, "zip": path}``.
@@ -353,6 +597,9 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
                         candidates[0])
     metrics, provenance = read_eval_metrics(Path(eval_dir))
     name = src.name
+    meta = json.loads((src / "configs" / "metadata.json").read_text())
+    meta["version"] = version or meta.get("version", "0.1.0")
+    urls = weights_urls(weights_url, WEIGHT_FILES, name, meta["version"])  # a bad URL fails before anything is written
     dst = Path(out) / name
     if dst.exists():
         if not overwrite:
@@ -360,7 +607,7 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
 
-    # configs: overrides, vendored targets, plain MONAI network for inference
+    # configs: overrides, vendored targets, plain MONAI network for inference, train.json of the same network
     overrides = dict(overrides or {})
     used: set[str] = set()
     configs: dict[str, dict] = {}
@@ -377,12 +624,19 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
     unused = set(overrides) - used
     if unused:
         raise ValueError(f"--set keys used by no config of {name}: {sorted(unused)}")
-    inference = configs["inference.json"] = _freeze(configs["inference.json"], model)
-    spec, _ = _plain_network(inference, model)
+    source_inference = configs["inference.json"]
+    inference = configs["inference.json"] = _freeze(source_inference, model)
+    spec, network = _plain_network(inference, model)
     if spec is not None:
         inference["network_def"] = spec
     else:
         logger.warning(f"{name}: network_def is not a plain MONAI network; inference.json keeps the vendored factory.")
+    frozen = {k: v for k, v in inference.items() if source_inference.get(k) != v and k != "network_def"}
+    _match_train(configs, frozen, model)  # --set values are in every config already
+    if not any("@model_info" in json.dumps(v) for k, v in inference.items() if k != "model_info"):
+        for key in ("model_info", "model_defaults"):  # read by nothing now that the settings are stated
+            inference.pop(key, None)
+    texts: dict[str, str] = {}
     for rel, config in configs.items():
         if isinstance(config.get("initialize"), list):
             # `monai.bundle run` puts the bundle root on sys.path only after `initialize`: do it first, so that
@@ -392,7 +646,8 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
             config["initialize"] = [_SYS_PATH] + config["initialize"]
         path = dst / "configs" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_rewrite(config), indent=4) + "\n")
+        texts[rel] = json.dumps(_rewrite(config), indent=4) + "\n"
+        path.write_text(texts[rel])
     for path in (src / "configs").rglob("*"):
         if path.is_file() and path.suffix != ".json":
             shutil.copy2(path, dst / "configs" / path.relative_to(src / "configs"))
@@ -403,24 +658,17 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
             shutil.copytree(src / item, dst / item)
         elif (src / item).is_file():
             shutil.copy2(src / item, dst / item)
-    (dst / "models").mkdir()
-    shutil.copy2(model, dst / "models" / "model.pt")
-    for side in model.parent.glob("model_info.json"):  # the settings file some tools read beside the weights
-        shutil.copy2(side, dst / "models" / side.name)
-    size = model.stat().st_size
-    (dst / "large_files.yml").write_text(
-        "large_files:\n"
-        '  - path: "models/model.pt"\n'
-        f'    url: "{weights_url or WEIGHTS_URL_PLACEHOLDER}"\n'
-        f'    hash_val: "{_md5(model)}"\n'
-        '    hash_type: "md5"\n')
+    models = dst / "models"
+    models.mkdir()
+    shutil.copy2(model, models / "model.pt")
+    for side in ("model_info.json", "model.json"):  # the settings and the selection record beside the weights
+        if (model.parent / side).is_file():
+            shutil.copy2(model.parent / side, models / side)
 
     import monai
     import numpy
     import torch
 
-    meta = json.loads((src / "configs" / "metadata.json").read_text())
-    meta["version"] = version or meta.get("version", "0.1.0")
     meta.setdefault("changelog", {}).setdefault(meta["version"], "stand-alone export with trained weights")
     meta["monai_version"] = monai.__version__
     meta["pytorch_version"] = torch.__version__.split("+")[0]
@@ -437,27 +685,26 @@ def export_bundle(bundle: str | Path, model_dir: str | Path, out: str | Path, ev
                 spec_["spatial_shape"] = shape
     (dst / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
 
-    readme = dst / "docs" / "README.md"
-    if readme.is_file():
-        readme.write_text(readme.read_text().rstrip() + "\n\n" + _standalone_note(size) + "\n")
+    write_torchscript(network, models / "model.ts", meta, {"inference.json": texts["inference.json"]},
+                      example_input(inference, batch=1))
+    (dst / "large_files.yml").write_text(large_files_yml(models, urls))
+    if not weights_url:
+        logger.warning(f"warning: {dst / 'large_files.yml'} has placeholder URLs: upload models/model.pt and "
+                       "models/model.ts, then export again with --weights-url URL (the folder they are in, or a "
+                       "template with {name}), or write their URLs into its url lines.")
+
+    train_time = training_time_text or training_time(Path(model_dir))
+    if train_time is None:
+        logger.warning(f"warning: no TensorBoard logs under {model_dir}: the README's training time says 'not "
+                       "recorded'; give it with --training-time.")
+    (dst / "docs").mkdir(exist_ok=True)
+    train = configs.get("train.json", {})
+    (dst / "docs" / "README.md").write_text(export_readme(
+        src / "docs" / "README.md", meta, provenance, train_time, model.stat().st_size / 2**20,
+        str(train.get("dataset_dir", "/path/to/converted_data")), network_summary(inference)))
     archive = shutil.make_archive(str(Path(out) / name), "zip", root_dir=str(Path(out)), base_dir=name)
     logger.info(f"exported {dst} and {archive}")
     return {"folder": dst, "zip": Path(archive)}
-
-
-def _standalone_note(weights_bytes: int) -> str:
-    over = " (over the model zoo's 25 MB file limit)" if weights_bytes > ZOO_FILE_LIMIT else ""
-    return (
-        "## Stand-alone use\n\n"
-        "This bundle runs without the amvlm-monai repository: its code is in `scripts/amvlm_monai` and the configs "
-        "name it as `scripts.amvlm_monai...`; `configs/metadata.json` lists the registry packages it needs "
-        "(`required_packages_version`). From the bundle folder:\n\n"
-        "```bash\n"
-        "python -m monai.bundle download_large_files --bundle_path .   # models/model.pt, if not present\n"
-        "python -m monai.bundle run inferring --config_file configs/inference.json --input_dir /path/to/images\n"
-        "```\n\n"
-        f"`models/model.pt` is {weights_bytes / 2**20:.1f} MB{over}; `large_files.yml` gives its URL and MD5. "
-        "`eval_metrics` in the metadata come from the evaluation of these weights (see its description).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -469,15 +716,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (gets <bundle>/ and <bundle>.zip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="top-level config value the weights were trained with, e.g. image_size=64")
-    parser.add_argument("--weights-url", default=None, help="URL of the uploaded model.pt, for large_files.yml")
+    parser.add_argument("--weights-url", default=None, metavar="URL",
+                        help="where model.pt and model.ts are uploaded, for large_files.yml: the folder's URL, or a "
+                             "template with {name} (and {bundle}, {version}); file:// works")
+    parser.add_argument("--training-time", default=None, metavar="TEXT",
+                        help="how long training took and on what, for the README (default: measured from the "
+                             "TensorBoard logs under --model-dir)")
     parser.add_argument("--version", default=None, help="bundle version (default: the metadata's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = export_bundle(args.bundle, args.model_dir, args.out, eval_dir=args.eval_dir,
-                                overrides=parse_key_values(args.set), weights_url=args.weights_url, version=args.version,
-                                overwrite=args.overwrite)
+                                overrides=parse_key_values(args.set), weights_url=args.weights_url,
+                                version=args.version, overwrite=args.overwrite,
+                                training_time_text=args.training_time)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
