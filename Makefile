@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo evidence test bench clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: venv
 	$(PY) -m amvlm_monai.workflows.demo
+
+evidence: venv
+	$(PY) -m amvlm_monai.workflows.evidence $(EVIDENCE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -80,3 +80,24 @@ def test_make_demo_quick_runs_every_step_and_prints_the_table(tmp_path):
         return Image.open(panel).size[0]
 
     assert width("amvlm") > 1.2 * width("supervised")
+
+
+def test_make_evidence_quick_shares_stage1_and_continues_a_killed_run(tmp_path):
+    """`make evidence` in quick mode: one stage 1 shared by the seeds, the table and t-tests; a second start reads
+    the finished runs back instead of training again, and a run whose row is gone is trained and scored again."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "amvlm_monai.workflows.evidence", "--quick", "--work", str(tmp_path), "--seeds", "0",
+           "1", "--methods", "mean_teacher", "amvlm"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("stage 1 (full)") == 2 and "stage 1 (full) reused" in proc.stdout  # once, for both seeds
+    assert not list(tmp_path.glob("seed*/models/amvlm_pretrained.pt"))
+    assert (tmp_path / "stage1" / "models" / "amvlm_pretrained.json").is_file()
+    for row in ("Mean-Teacher", "MT + CSS + ICL + L_tg (AMVLM)", "Paired t-tests", "| shared | amvlm_pretrained"):
+        assert row in proc.stdout, row
+    assert "Sizes" in (tmp_path / "results.md").read_text()
+    (tmp_path / "seed1" / "labeled25" / "amvlm" / "row.json").unlink()  # as if killed during its evaluation
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done earlier") == 3 and "stage 1 (full) reused" in again.stdout
+    assert (tmp_path / "seed1" / "labeled25" / "amvlm" / "row.json").is_file()

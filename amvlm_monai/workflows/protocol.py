@@ -42,8 +42,6 @@ import numpy as np
 from amvlm_monai.utils.args import parse_key_values
 
 #: method -> (stage-2 variant overlay under configs/variants, stage-1 checkpoint it needs or None, table label)
-
-
 METHODS: dict[str, tuple[str, Optional[str], str]] = {
     "supervised": ("supervised.json", None, "supervised U-Net"),
     "mean_teacher": ("mean_teacher.json", None, "Mean-Teacher"),
@@ -89,7 +87,8 @@ class Protocol:
     def __init__(self, bundle: str | os.PathLike, data: str | os.PathLike, work: str | os.PathLike,
                  configs: Sequence[str] = (), overrides: Optional[Mapping[str, Any]] = None,
                  pretrain_overrides: Optional[Mapping[str, Any]] = None,
-                 method_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+                 method_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, stage1_seed: Optional[int] = None,
+                 resume: bool = False) -> None:
         self.bundle = Path(bundle).resolve()
         self.data = Path(data).resolve()
         self.work = Path(work).resolve()
@@ -101,6 +100,8 @@ class Protocol:
         self.overrides = dict(overrides or {})
         self.pretrain_overrides = dict(pretrain_overrides or {})
         self.method_overrides = {k: dict(v) for k, v in (method_overrides or {}).items()}
+        self.stage1_seed = stage1_seed
+        self.resume = bool(resume)
         unknown = set(self.method_overrides) - set(METHODS)
         if unknown:
             raise ValueError(f"method overrides for unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
@@ -134,15 +135,21 @@ class Protocol:
     def pretrain(self, seed: int, kind: str) -> Path:
         """The stage-1 checkpoint of ``kind`` for ``seed``, pretrained unless it exists."""
         overlay, name = PRETRAIN[kind]
-        models = self.work / f"seed{seed}" / "models"
+        if self.stage1_seed is not None:
+            seed = self.stage1_seed
+            models = self.work / "stage1" / "models"
+        else:
+            models = self.work / f"seed{seed}" / "models"
         ckpt = models / name
-        if ckpt.is_file():
+        done = models / f"{Path(name).stem}.done"  # the run finished (the best checkpoint is kept while it runs)
+        if ckpt.is_file() and (done.is_file() or not self.resume):
             print(f"  seed {seed}: stage 1 ({kind}) reused: {ckpt}", flush=True)
             return ckpt
         configs = ["configs/pretrain.json"] + ([f"configs/variants/{overlay}"] if overlay else [])
         overrides = dict(self.pretrain_overrides, dataset_dir=str(self.data), output_dir=str(models),
-                         pretrained_path=str(ckpt), seed=seed)
+                         pretrained_path=str(ckpt), seed=seed, **({"resume": True} if self.resume else {}))
         secs = self._run("pretraining", configs, overrides, self.work / "logs" / f"seed{seed}_pretrain_{kind}.log")
+        done.write_text(json.dumps({"seconds": round(secs, 1)}))
         print(f"  seed {seed}: stage 1 ({kind}) {secs:6.1f} s -> {ckpt}", flush=True)
         return ckpt
 
@@ -150,6 +157,11 @@ class Protocol:
         """Train ``method`` at ``labeled`` % labels and score it on the test split; returns its row."""
         overlay, kind, _ = METHODS[method]
         out = self.work / f"seed{seed}" / f"labeled{labeled}" / method
+        if self.resume and (out / "row.json").is_file():
+            row = json.loads((out / "row.json").read_text())
+            print(f"  seed {seed}, {labeled:3d} % labels, {method:<13} Dice {100 * row['dice']:6.2f}  "
+                  f"mIoU {100 * row['iou']:6.2f}  (done earlier: {out / 'row.json'})", flush=True)
+            return row
         models = self.work / f"seed{seed}" / "models"
         common = dict(self.overrides, **self.method_overrides.get(method, {}), dataset_dir=str(self.data),
                       labeled_percent=labeled, seed=seed)
@@ -158,8 +170,13 @@ class Protocol:
         diagnostic = dict(pseudo_label_diagnostic=method != "supervised")
         train_cfg = ["configs/train.json", f"configs/variants/{overlay}"]
         tag = f"seed{seed}_labeled{labeled}_{method}"
-        secs = self._run("training", train_cfg, dict(common, **diagnostic, output_dir=str(models), ckpt_dir=str(out)),
-                         self.work / "logs" / f"{tag}_train.log")
+        trained = out / "trained.json"
+        secs = 0.0
+        if not (self.resume and trained.is_file()):
+            secs = self._run("training", train_cfg, dict(common, **diagnostic, output_dir=str(models), ckpt_dir=str(out),
+                                                         **({"resume": True} if self.resume else {})),
+                             self.work / "logs" / f"{tag}_train.log")
+            trained.write_text(json.dumps({"seconds": round(secs, 1)}))
         secs += self._run("evaluating", train_cfg + ["configs/evaluate.json"],
                           dict(common, output_dir=str(out), eval_dir=str(out)), self.work / "logs" / f"{tag}_eval.log")
         from amvlm_monai.evaluation.metrics import read_scores_csv
@@ -173,6 +190,7 @@ class Protocol:
                "epoch": selected.get("epoch", ""), "val_" + str(selected.get("metric", "metric")):
                selected.get("value", ""), **_pseudo_label_scores(out / "pseudo_labels.csv", selected.get("epoch")),
                "seconds": round(secs, 1), "scores": str(out / "scores_test.csv")}
+        (out / "row.json").write_text(json.dumps(row, indent=1))
         print(f"  seed {seed}, {labeled:3d} % labels, {method:<13} Dice {100 * row['dice']:6.2f}  "
               f"mIoU {100 * row['iou']:6.2f}  ({row['selected'] or 'model'} of epoch {row['epoch']}, {secs:.0f} s)",
               flush=True)
@@ -237,13 +255,14 @@ def _pseudo_label_scores(path: Path, epoch: Any) -> dict[str, float]:
 
 
 def stage1_alignment(work: str | os.PathLike) -> list[dict[str, Any]]:
-    """The kept stage-1 checkpoints' validation figures (``seed<S>/models/*.json`` written by
-    :class:`~amvlm_monai.handlers.alignment.AlignmentValidation`)."""
+    """The kept stage-1 checkpoints' validation figures (``seed<S>/models/*.json``, or ``stage1/models/*.json`` for
+    a stage 1 shared by the seeds, written by :class:`~amvlm_monai.handlers.alignment.AlignmentValidation`)."""
     rows = []
-    for path in sorted(Path(work).glob("seed*/models/amvlm_*.json")):
+    work = Path(work)
+    for path in sorted(work.glob("seed*/models/amvlm_*.json")) + sorted(work.glob("stage1/models/amvlm_*.json")):
         info = json.loads(path.read_text())
-        rows.append({"seed": path.parts[-3][4:], "checkpoint": path.stem, "epoch": info.get("epoch"),
-                     **info.get("metrics", {})})
+        seed = path.parts[-3][4:] if path.parts[-3].startswith("seed") else "shared"
+        rows.append({"seed": seed, "checkpoint": path.stem, "epoch": info.get("epoch"), **info.get("metrics", {})})
     return rows
 
 
