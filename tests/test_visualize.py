@@ -272,3 +272,18 @@ def test_handlers_attach_once(tmp_path):
     handler.attach(trainer)
     trainer.run([0], max_epochs=2)
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("overwrite, resume, kept", [(True, False, False), (True, True, True), (False, False, True)])
+def test_overwrite_starts_a_fresh_tensorboard_run(tmp_path, overwrite, resume, kept):
+    from ignite.engine import Engine
+
+    from amvlm_monai.handlers.tracking import TensorBoardHandler
+
+    old = tmp_path / "events.out.tfevents.1.earlier"
+    old.write_bytes(b"an earlier run")
+    other = tmp_path / "notes.txt"
+    other.write_text("not an event file")
+    TensorBoardHandler(str(tmp_path), num_panels=0, overwrite=str(overwrite).lower(), resume=resume).attach(
+        Engine(lambda e, b: None))
+    assert old.exists() == kept and other.exists()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from ignite.engine import Engine, Events
 
 from amvlm_monai.handlers.panels import PanelSampler, _safe, render_panels
+from amvlm_monai.utils.args import as_bool
 from amvlm_monai.utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class TensorBoardHandler:
         evaluator_metrics: also log ``evaluator``'s own metrics after each of its runs (for runs that validate with
             MONAI's ``ValidationHandler``, whose metrics stay on the evaluator; this package's model selection and
             stage-1 validation put theirs in the trainer's ``state.metrics``, which is always logged).
+        overwrite, resume: the run's ``--overwrite`` and ``--resume``: a run that starts afresh over an earlier one
+            (``overwrite`` without ``resume``) removes the earlier run's event files from ``log_dir``, so TensorBoard
+            shows one run, not two interleaved; a resumed run appends to them.
         guidance: a TextGuidance for the panels' text masks, or None.
         num_panels: validation images shown as panels (0: none).
         multiclass: class-index labels and arg-max predictions in the panels.
@@ -57,7 +62,7 @@ class TensorBoardHandler:
                  evaluator: Optional[Engine] = None, guidance: Optional[torch.nn.Module] = None,
                  num_panels: int = 4, multiclass: bool = False, every_n_iterations: int = 1,
                  output_transform: Optional[Callable] = None, networks: Optional[Mapping[str, torch.nn.Module]] = None,
-                 evaluator_metrics: bool = False) -> None:
+                 evaluator_metrics: bool = False, overwrite: Any = False, resume: Any = False) -> None:
         self.log_dir = os.fspath(log_dir)
         self.optimizer = optimizer
         self.evaluator = evaluator
@@ -68,12 +73,16 @@ class TensorBoardHandler:
         self.output_transform = output_transform or _scalars
         self.networks = dict(networks or {})
         self.evaluator_metrics = bool(evaluator_metrics)
+        self.fresh = as_bool(overwrite, "overwrite") and not as_bool(resume, "resume")
         self.logger = None
 
     def attach(self, trainer: Engine) -> None:
         from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler, TensorboardLogger
 
         os.makedirs(self.log_dir, exist_ok=True)
+        if self.fresh and is_main_process():
+            for old in Path(self.log_dir).glob("events.out.tfevents.*"):
+                old.unlink()
         self.logger = tb = TensorboardLogger(log_dir=self.log_dir)
         tb.attach(trainer, OutputHandler(tag="train", output_transform=self.output_transform),
                   event_name=Events.ITERATION_COMPLETED(every=self.every))
