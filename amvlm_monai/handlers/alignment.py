@@ -1,34 +1,5 @@
-"""Did stage 1 learn an alignment? Retrieval and localisation metrics of a pretrained AMVLM on a labelled split.
-
-- **Retrieval**: image-to-report and report-to-image recall@k over the split. Identical reports (e.g. every
-  "no lesion" report) are one report: an image retrieves its report when the report's text is among the k best,
-  and a report retrieves its images when any image it describes is among the k best. Chance levels are given
-  beside each recall: ``k / U`` for image-to-report (U distinct reports) and, for report-to-image, the mean over
-  reports of ``1 - C(N - m, k) / C(N, k)`` (N images, m of them with that report).
-- **Fact-level retrieval**: reports are paraphrased and many images state the same facts, so exact-pair recall is
-  capped. Here a retrieved report is right when its image's facts equal the query image's facts, the facts being
-  read from the binary label masks (loaded as (W, H), like PNGs) by :func:`~amvlm_monai.data.describe.find_regions`:
-  ``fact`` = (region count,
-  set of sides), ``fact_zone`` = (count, sides, set of upper/middle/lower zones). Image-to-report: the report ranked
-  first over the U distinct reports; report-to-image: the image ranked first over the N images (the query's own
-  report, or image, is a candidate). A distinct report has the facts of every image it describes. Chance: the share
-  of candidates with the query's facts, averaged over queries. Skipped (NaN) when the labels are not binary.
-- **Localisation**: on images that contain a lesion, the similarity of each patch embedding with the global
-  embedding of the image's report (the text mask generator's input, before its decoder), upsampled bilinearly to
-  the label's size, scores the lesion pixels: its ROC AUC per image (rank formula) averaged over images; and the
-  Dice of the initial text mask ``sigmoid(w (sim - b)) > 0.5``, i.e. ``sim > b`` (b = 0.25, the generator's initial
-  bias), beside the Dice of an all-ones mask (what a mask that says nothing scores).
-
-:class:`AlignmentValidation` runs these every epoch of pretraining, logs them, and keeps the best checkpoint. Before it
-does, :func:`refresh_bn_statistics` re-estimates the BatchNorm statistics of the online towers and heads on training
-batches, so that the evaluated and saved model (which stage 2 runs in eval mode) normalises with statistics that fit
-its weights (see ``docs/method.md``, "Stage-1 BatchNorm statistics").
-
-CLI (a stage-1 checkpoint on a split of a converted data set)::
-
-    python -m amvlm_monai.evaluation.alignment --checkpoint models/amvlm_pretrained.pt --datalist DATA/datalist.json \
-        [--key validation] [--limit 500]
-"""
+"""The stage-1 validation handler: :func:`~amvlm_monai.evaluation.alignment.evaluate_alignment` every few epochs,
+after the BatchNorm refresh, keeping the best checkpoint and its figures."""
 
 from __future__ import annotations
 

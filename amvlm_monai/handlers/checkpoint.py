@@ -1,23 +1,6 @@
-"""What inference needs to know about a trained model, saved beside it as ``model_info.json``.
-
-A stage-2 training run writes ``<ckpt_dir>/model_info.json`` when it starts (`SaveModelInfo`, a handler of the
-bundles' ``train.json``), so that ``models/model.pt`` and the file beside it are all that 2D inference
-(``inferring``), evaluation (``evaluating``) and volume inference (`amvlm_monai.inference.volume`) need::
-
-    {"format": "amvlm-monai model info", "version": 1,
-     "network": {"spatial_dims": 2, "in_channels": 1, "out_channels": 20, "size": "light"},   # build_segmentation_net
-     "image_size": [64, 64], "in_channels": 1, "out_channels": 20, "unet_size": "light",
-     "multiclass": true, "class_names": ["S", "L5", ...], "threshold": 0.5,
-     "slicing": {"axis": 0, "axcodes": "RAS"},   # volumes: reorient to axcodes, then 2D slices along axis
-     "intensity": "slice_minmax",                # each (resized) slice min-max scaled to [0, 1], then [-1, 1]
-     "modality": "MR"}
-
-``slicing`` says how volumes are cut into the 2D images the model was trained on (``data_prep.mrspineseg`` writes
-sagittal slices of the closest-canonical RAS+ volume: axis 0 with ``axcodes`` "RAS"); ``intensity`` names what the
-2D training chain did to each image (``load_image_chain``: resize, then min-max per image), which volume inference
-repeats per slice; ``modality`` is the data's modality, for the record and for volume inference's modality rules when
-``intensity`` is not ``slice_minmax``. Command-line flags of each consumer still override every value.
-"""
+"""Handlers that write and read model files: stage-1 checkpoints (:class:`SavePretrained`), ``model_info.json``
+beside ``model.pt`` (:class:`SaveModelInfo`) and loading ``model.pt`` for evaluation and inference
+(:class:`LoadModel`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores, model selection, TensorBoard
-logging with validation panels, evaluation panels, and the check behind ``--tracking mlflow``."""
+"""Metric handlers: per-image segmentation scores (:class:`SegmentationMetric`, incl. the Dice over images with a
+lesion and foreground fractions) and the quality of the pseudo labels against hidden labels
+(:class:`PseudoLabelQuality`)."""
 
 from __future__ import annotations
 

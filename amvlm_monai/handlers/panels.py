@@ -1,5 +1,5 @@
-"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores, model selection, TensorBoard
-logging with validation panels, evaluation panels, and the check behind ``--tracking mlflow``."""
+"""Evaluation panels: a reproducible sample of the evaluator's images drawn as image | truth | prediction (| text
+mask) pictures with their Dice (:class:`SavePanels`)."""
 
 from __future__ import annotations
 

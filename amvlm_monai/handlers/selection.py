@@ -1,5 +1,5 @@
-"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores, model selection, TensorBoard
-logging with validation panels, evaluation panels, and the check behind ``--tracking mlflow``."""
+"""Model selection: :class:`SelectBestModel` validates the student and the teacher and keeps the better one as
+``model.pt``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Ignite pieces the bundles use: stage-1 checkpoints, per-image segmentation scores, model selection, TensorBoard
-logging with validation panels, evaluation panels, and the check behind ``--tracking mlflow``."""
+"""Experiment tracking: TensorBoard with every loss term, learning rates, validation metrics and panels
+(:class:`TensorBoardHandler`), and the checks behind ``--tracking mlflow``."""
 
 from __future__ import annotations
 

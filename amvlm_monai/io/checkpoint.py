@@ -1,19 +1,10 @@
-"""Checkpoint files: safe loading, atomic saving and resumable training state.
+"""Checkpoint files: safe loading and atomic saving.
 
 - :func:`load_checkpoint` is the one way the project reads a ``.pt`` file: ``torch.load(weights_only=True)``, so a
   crafted file cannot run code, and one :class:`CheckpointError` naming the file when it is unsafe, truncated or
   corrupt.
-- :func:`atomic_save` writes a temporary file in the target's folder, flushes it to disk and renames it over the
-  target: a kill during the save leaves the previous file intact. :func:`clean_stale_tmp` removes what a killed
-  writer left behind; the handlers call it when a run starts.
-- The bundles' evaluation and inference read ``model.pt`` with :class:`~amvlm_monai.handlers.checkpoint.LoadModel`, which
-  goes through :func:`load_checkpoint`.
-- ``model.pt`` is written by :class:`~amvlm_monai.handlers.selection.SelectBestModel` through :func:`atomic_save` (a plain
-  state dict, as MONAI's ``CheckpointSaver`` did); its best score is part of the resumable state.
-- :class:`TrainingState` saves, every ``interval`` epochs, everything a run needs to continue after a kill (networks,
-  optimiser, scheduler, AMP scaler, engine epoch and iteration, best score, random states) and, with ``resume``,
-  continues from the latest one. A fresh run refuses to replace an earlier run's outputs unless ``overwrite``.
-"""
+- :func:`atomic_save` writes to a temporary file and renames it, so a kill during a save leaves the previous file
+  intact; :func:`clean_stale_tmp` removes what a killed writer left."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""What both trainers share: mixed precision, a non-finite check, scaled backward, clipping and the optimiser step.
-
-Why this is not ``SupervisedTrainer(amp=True)``: MONAI's AMP step autocasts on CUDA only (``torch.autocast("cuda")``)
-and always creates a float16 ``GradScaler``; it has no CPU bfloat16 path, no bfloat16-without-scaler path, no gradient
-clipping between unscaling and the step, and both trainers here compute several losses per step. The trainers still
-are ``SupervisedTrainer`` s (events, handlers, ``optim_set_to_none``); only the step itself is this module.
-"""
+"""Mixed precision by device: :func:`amp_dtype` picks bfloat16 where the device computes it natively (GPUs with
+bfloat16, CPUs with AVX512-BF16/AMX), float16 on older GPUs, float32 elsewhere; :func:`autocast` is the matching
+context (a no-op in float32)."""
 
 from __future__ import annotations
 
