@@ -271,7 +271,7 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_outputs_unless_told(tmp_pa
     (tmp_path / "train_state_epoch=3.pt").write_bytes(b"earlier state")
     TrainingState(tmp_path, {}, outputs=outputs, overwrite="True").start(engine)
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # states of the earlier run removed, the best model kept
-    with pytest.raises(ValueError, match="--resume must be true or false"):
+    with pytest.raises(ValueError, match="--resume: .maybe. is not a boolean; allowed: true or false"):
         TrainingState(tmp_path, {}, resume="maybe")
 
 

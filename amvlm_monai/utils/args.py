@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ArgError", "Arg", "BUNDLE_ARGS", "as_bool", "parse_arg", "check_bundle_args", "labeled_splits",
-           "arg_type", "args_table", "parse_key_values", "is_derived", "suggest"]
+           "arg_type", "args_table", "parse_key_values", "is_derived", "suggest", "used_keys"]
 
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 BOOL_WORDS = "true or false (also 1/0, yes/no; any case)"
@@ -51,14 +51,6 @@ class ArgError(ValueError):
 
 def _text(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _fmt(x: float) -> str:
@@ -146,7 +138,8 @@ class Arg:
             raise ArgError(key, f"{_text(value)} is not a string or a list of strings", self.allowed())
         if isinstance(value, bool) or not isinstance(value, (str, numbers.Number, os.PathLike)):
             raise ArgError(key, f"{_text(value)} is not a string", self.allowed())
-        text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)  # fire reads --dataset_dir 2024 as 2024
+        # fire reads --dataset_dir 2024 as the number 2024
+        text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
         if kind == "choice":
             if text in self.choices:
                 return text
@@ -156,8 +149,8 @@ class Arg:
             raise ArgError(key, f"{_text(value)} is not a choice", self.allowed())
         if kind == "axcodes":
             codes = text.upper()
-            pairs = ("LR", "AP", "SI")
-            if len(codes) == 3 and sorted(next((i for i, p in enumerate(pairs) if c in p), 9) for c in codes) == [0, 1, 2]:
+            axes = sorted(next((i for i, p in enumerate(("LR", "AP", "SI")) if c in p), 9) for c in codes)
+            if axes == [0, 1, 2]:
                 return codes
             raise ArgError(key, f"{_text(value)} is not an orientation", self.allowed())
         if not text.strip():
@@ -191,7 +184,7 @@ class Arg:
         lo, hi = self.low, self.high
         if (lo is not None and (x < lo or (self.above and x == lo))) or (
                 hi is not None and (x > hi or (self.below and x == hi))):
-            raise ArgError(key, f"{_text(value)} is out of range", allowed)
+            raise ArgError(key, f"{value.strip() if isinstance(value, str) else value} is out of range", allowed)
         if self.kind == "percent":  # the token of its split file's name: 25 -> 25, 12.5 -> "12p5"
             return int(x) if x == int(x) else _pct_name(x)
         return x
@@ -427,6 +420,30 @@ def check_bundle_args(config: Mapping[str, Any], resolve: Callable[[str], Any] |
     return out
 
 
+_REF = re.compile(r"@([A-Za-z_]\w*)")
+
+
+def _refs(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*map(_refs, value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*map(_refs, value)) if value else set()
+    return set(_REF.findall(value)) if isinstance(value, str) else set()
+
+
+def used_keys(config: Mapping[str, Any], roots: Iterable[str]) -> set[str]:
+    """The top-level keys a workflow uses: its ``roots`` (e.g. ``initialize``, ``training``, ``finalize``) and every
+    key they refer to (``@key``, ``@key#sub``), transitively. A key outside it changes nothing in that workflow."""
+    seen: set[str] = set()
+    todo = [r for r in roots if r in config]
+    while todo:
+        key = todo.pop()
+        if key not in seen:
+            seen.add(key)
+            todo.extend(k for k in _refs(config[key]) if k in config and k not in seen)
+    return seen
+
+
 def suggest(word: str, candidates: Iterable[str]) -> str:
     """``"; did you mean --x?"`` for the closest of ``candidates``, or ``""``."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
@@ -448,26 +465,28 @@ def arg_type(spec: Arg, name: str = "") -> Callable[[str], Any]:
     return parse
 
 
-def args_table(columns: Mapping[str, Mapping[str, Any]]) -> str:
-    """The schema as a Markdown table of the keys some config uses, with each config's default.
+def args_table(columns: Mapping[str, tuple[Mapping[str, Any], Iterable[str]]]) -> str:
+    """The schema as a Markdown table of the keys some workflow uses, with each workflow's default.
 
     Args:
-        columns: heading -> that workflow's (merged) config; a key it lacks shows ``-``, a derived value ``derived``.
+        columns: heading -> (that workflow's merged config, its run ids); a key the workflow does not use
+            (:func:`used_keys`) shows ``-``, a derived value ``derived``.
     """
+    used = {name: used_keys(config, roots) for name, (config, roots) in columns.items()}
     head = ["argument", "allowed", *columns, "what"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, spec in BUNDLE_ARGS.items():
-        if not any(key in c for c in columns.values()):
-            continue
         cells = []
-        for config in columns.values():
-            if key not in config:
+        for name, (config, _) in columns.items():
+            value = config.get(key)
+            if key not in used[name] or isinstance(value, dict):
                 cells.append("-")
-            elif is_derived(config[key]):
+            elif is_derived(value):
                 cells.append("derived")
             else:
-                cells.append(f"`{json.dumps(config[key])}`" if _is_json(config[key]) else str(config[key]))
-        rows.append(f"| `--{key}` | {spec.allowed()} | " + " | ".join(cells) + f" | {spec.help} |")
+                cells.append(f"`{json.dumps(value)}`")
+        if any(c != "-" for c in cells):
+            rows.append(f"| `--{key}` | {spec.allowed()} | " + " | ".join(cells) + f" | {spec.help} |")
     return "\n".join(rows)
 
 

@@ -140,7 +140,7 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 _USER_ERRORS = (ValueError, OSError)
-_USER_ERROR_NAMES = re.compile(r"^(?:\w+DataError|DataError|ValueError|ArgError|CheckpointError|OSError|\w*NotFoundError|"
+_USER_ERROR_NAMES = re.compile(r"^(?:\w*DataError|ValueError|ArgError|CheckpointError|OSError|\w*NotFoundError|"
                                r"PermissionError|IsADirectoryError|NotADirectoryError|FileExistsError)$")
 
 
@@ -225,36 +225,21 @@ def _monai_parameters() -> set[str]:
     return names - {"self"}
 
 
-_REF = re.compile(r"@([A-Za-z_]\w*)")
+def unused_overrides(config: dict, argv: Sequence[str], run_ids: Iterable[str]) -> list[str]:
+    """The overrides of a ``python -m monai.bundle run`` command line (``argv`` without the program) that the workflow
+    of ``run_ids`` does not use (:func:`~amvlm_monai.utils.args.used_keys`; the part of a key before ``#``), leaving
+    out MONAI's own parameters. MONAI would add such a key and run without it."""
+    from amvlm_monai.utils.args import used_keys
 
-
-def _referenced(config: Any, found: set[str] | None = None) -> set[str]:
-    """Top-level ids that some value of ``config`` refers to (``@key``, ``@key#sub``)."""
-    found = set() if found is None else found
-    if isinstance(config, dict):
-        for v in config.values():
-            _referenced(v, found)
-    elif isinstance(config, (list, tuple)):
-        for v in config:
-            _referenced(v, found)
-    elif isinstance(config, str):
-        found.update(_REF.findall(config))
-    return found
-
-
-def unused_overrides(config: dict, argv: Sequence[str], run_ids: Iterable[str] = ()) -> list[str]:
-    """The overrides of a ``python -m monai.bundle run`` command line (``argv`` without the program) that nothing in
-    ``config`` uses: a top-level key (the part before ``#``) that no value refers to (``@key``), not one of the run
-    ``run_ids`` and not one of MONAI's own parameters. MONAI would add such a key and run without it."""
-    used = _referenced(config) | set(run_ids) | _monai_parameters()
+    used = used_keys(config, run_ids) | _monai_parameters()
     return [k for k in dict.fromkeys(override_keys(argv)) if k.split("#", 1)[0] not in used]
 
 
 def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterable[str] = ()) -> dict[str, Any]:
     """Check a MONAI ``ConfigParser``'s bundle arguments (:func:`~amvlm_monai.utils.args.check_bundle_args`) and write
     the parsed values back into it (config and resolver), so that what the config uses is what was meant (``--use_text
-    false`` arrives as the truthy string ``"false"``). With ``argv`` (a bundle command line), overrides that no config
-    uses are refused too.
+    false`` arrives as the truthy string ``"false"``). With ``argv`` (a bundle command line) and the workflow's
+    ``run_ids``, overrides that the workflow does not use are refused too (:func:`unused_overrides`).
 
     Returns:
         the parsed values.
@@ -262,13 +247,14 @@ def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterab
     Raises:
         ArgError: a wrong value or an unused override, naming the key.
     """
-    from amvlm_monai.utils.args import BUNDLE_ARGS, ArgError, check_bundle_args, suggest
+    from amvlm_monai.utils.args import BUNDLE_ARGS, ArgError, check_bundle_args, suggest, used_keys
 
     config = parser.config
-    if argv is not None:
+    run_ids = list(run_ids)
+    if argv is not None and run_ids:
         for key in unused_overrides(config, argv, run_ids):
-            known = (_referenced(config) | set(BUNDLE_ARGS)) - {key}
-            raise ArgError(key, "no config of this workflow uses it, so it would change nothing"
+            known = (used_keys(config, run_ids) | set(BUNDLE_ARGS)) - {key}
+            raise ArgError(key, "this workflow does not use it, so it would change nothing"
                            + suggest(key.split("#", 1)[0], sorted(known)))
     values = check_bundle_args(config, resolve=parser.get_parsed_content)
     resolver = parser.ref_resolver
