@@ -446,7 +446,7 @@ def used_keys(config: Mapping[str, Any], roots: Iterable[str]) -> set[str]:
 
 def suggest(word: str, candidates: Iterable[str]) -> str:
     """``"; did you mean --x?"`` for the closest of ``candidates``, or ``""``."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
     return f"; did you mean --{close[0]}?" if close else ""
 
 

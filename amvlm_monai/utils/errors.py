@@ -253,9 +253,11 @@ def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterab
     run_ids = list(run_ids)
     if argv is not None and run_ids:
         for key in unused_overrides(config, argv, run_ids):
-            known = (used_keys(config, run_ids) | set(BUNDLE_ARGS)) - {key}
-            raise ArgError(key, "this workflow does not use it, so it would change nothing"
-                           + suggest(key.split("#", 1)[0], sorted(known)))
+            top = key.split("#", 1)[0]
+            if top in BUNDLE_ARGS:
+                raise ArgError(key, "this workflow does not use it, so it would change nothing")
+            known = (used_keys(config, run_ids) | set(BUNDLE_ARGS)) - {top}
+            raise ArgError(key, "not a key of this workflow's configs, so it would change nothing" + suggest(top, known))
     values = check_bundle_args(config, resolve=parser.get_parsed_content)
     resolver = parser.ref_resolver
     for key, value in values.items():
