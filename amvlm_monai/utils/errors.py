@@ -228,10 +228,10 @@ def _monai_parameters() -> set[str]:
 def unused_overrides(config: dict, argv: Sequence[str], run_ids: Iterable[str]) -> list[str]:
     """The overrides of a ``python -m monai.bundle run`` command line (``argv`` without the program) that the workflow
     of ``run_ids`` does not use (:func:`~amvlm_monai.utils.args.used_keys`; the part of a key before ``#``), leaving
-    out MONAI's own parameters. MONAI would add such a key and run without it."""
+    out MONAI's own parameters and ``bundle_root``. MONAI would add such a key and run without it."""
     from amvlm_monai.utils.args import used_keys
 
-    used = used_keys(config, run_ids) | _monai_parameters()
+    used = used_keys(config, run_ids) | _monai_parameters() | {"bundle_root"}  # MONAI's tools pass it to any bundle
     return [k for k in dict.fromkeys(override_keys(argv)) if k.split("#", 1)[0] not in used]
 
 
