@@ -79,8 +79,9 @@ def arguments_section(rendered: dict[Path, str]) -> str:
         columns[workflow] = (parser.config, ["initialize", workflow, "finalize"])
     intro = ("Every argument below is checked before a run builds anything: a value of the wrong type or out of range "
              "stops the command with one line `error: --key: <what is wrong>; allowed: <what is>` and exit status 2. "
-             "Booleans accept true/false in any case, 1/0 and yes/no. An override that no config of the workflow "
-             "uses is refused too (a typo would otherwise change nothing). `derived`: computed from other keys or "
+             "Booleans accept true/false in any case, 1/0 and yes/no. An override that is no key of the workflow is "
+             "refused too (a typo would otherwise change nothing); an argument of another workflow gets a `warning:` "
+             "line. `derived`: computed from other keys or "
              "read from `models/model_info.json`; `-`: that workflow does not use it.")
     return f"{BEGIN}\n{intro}\n\n{args_table(columns)}\n{END}"
 

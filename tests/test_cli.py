@@ -114,7 +114,6 @@ TRAIN = ("training", "--config_file", "configs/train.json")
     (("--use_text", "maybe"), "error: --use_text: 'maybe' is not a boolean; allowed: true or false"),
     (("--use_txt", "false"), "error: --use_txt: not a key of this workflow's configs, so it would change nothing; did "
                              "you mean --use_text?"),
-    (("--preset", "small"), "error: --preset: this workflow does not use it, so it would change nothing"),
     (("--labeled_percent", "150"), "error: --labeled_percent: 150 is out of range; allowed: the splits in {data}: 25, 50"),
     (("--labeled_percent", "30"), "error: --labeled_percent: 30 has no split file (split_labeled30.json is not in "
                                   "{data}); allowed: the splits in {data}: 25, 50"),
@@ -128,11 +127,9 @@ def test_a_wrong_override_ends_the_command_with_one_line(qata_cli, demo_data, ar
 
 def test_a_missing_model_in_evaluation_names_the_command_that_writes_it(qata_cli, demo_data, monkeypatch):
     code, err = qata_cli("evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']",
-                         "--dataset_dir", str(demo_data), "--max_epochs", "2")
-    assert code == 2 and err == ["error: --max_epochs: this workflow does not use it, so it would change nothing"]
-    code, err = qata_cli("evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']",
-                         "--dataset_dir", str(demo_data))
-    assert code == 2 and err == ["error: ./models/model.pt: trained model not found; the training workflow writes it: "
+                         "--dataset_dir", str(demo_data), "--max_epochs", "2")  # a training setting: named only
+    assert code == 2 and err == ["warning: --max_epochs: the evaluating workflow does not use it; it changes nothing",
+                                 "error: ./models/model.pt: trained model not found; the training workflow writes it: "
                                  "python -m monai.bundle run training --config_file configs/train.json"]
     monkeypatch.setenv("AMVLM_DEBUG", "1")  # the traceback on request: the error goes through as MONAI raises it
     sys.argv = ["monai.bundle", "run", "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']",
@@ -219,3 +216,22 @@ def test_protocol_checks_its_overrides_before_any_run(tmp_path, capsys):
     assert main(args + ["--method-set", "amvlm:fusion_lambda=-1"]) == 2
     assert "error: --method-set amvlm: --fusion_lambda: -1 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_parsed_values_are_what_the_config_uses(demo_data, tmp_path):
+    """MONAI's command line passes ``--use_unlabeled false`` as the (truthy) string "false": the guard's parsed values
+    replace the strings in the config before anything reads them."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=str(ROOT / "bundles/qata_covid19_cxr_segmentation/configs/train.json"),
+                        logging_file=False, bundle_root=str(tmp_path), dataset_dir=str(demo_data),
+                        use_unlabeled="false", use_text="FALSE", tensorboard="no", max_epochs="2",
+                        labeled_percent="50", amp="0", unet_size="Light", image_size="32")
+    wf.initialize()
+    parser = wf.parser
+    assert parser.get_parsed_content("teacher") is None and parser.get_parsed_content("guidance") is None
+    assert parser.get_parsed_content("stage1_checkpoint") is None  # no text guidance: no stage-1 checkpoint needed
+    assert [parser[k] for k in ("use_unlabeled", "use_text", "tensorboard", "amp")] == [False] * 4
+    assert (parser["max_epochs"], parser["image_size"], parser["unet_size"]) == (2, 32, "light")
+    assert parser.get_parsed_content("split_file").endswith("split_labeled50.json")
+    assert parser.get_parsed_content("network_def").__class__.__name__ == "UNet"

@@ -5,7 +5,8 @@
   ``error: <file>: <what is wrong>`` on stderr, one line per problem, and exits with status 2. ``AMVLM_DEBUG=1`` lets
   the exception through with its traceback.
 - :func:`bundle_guard` is the first item of every bundle config's ``initialize`` list. Before anything is built it
-  refuses command-line overrides that MONAI would drop (``--key None``) or that no config uses (a typo), parses and
+  refuses command-line overrides that MONAI would drop (``--key None``) or that the workflow does not use (a typo),
+  parses and
   checks every bundle argument against the schema of :mod:`amvlm_monai.utils.args` and writes the parsed values back
   into the config, and checks that the output folders can be written. On a ``python -m monai.bundle`` command line
   every user error of the run (here or later: a missing checkpoint, no images, bad data) then ends the command with
@@ -239,7 +240,8 @@ def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterab
     """Check a MONAI ``ConfigParser``'s bundle arguments (:func:`~amvlm_monai.utils.args.check_bundle_args`) and write
     the parsed values back into it (config and resolver), so that what the config uses is what was meant (``--use_text
     false`` arrives as the truthy string ``"false"``). With ``argv`` (a bundle command line) and the workflow's
-    ``run_ids``, overrides that the workflow does not use are refused too (:func:`unused_overrides`).
+    ``run_ids`` (init, run, final), an override that the workflow does not use (:func:`unused_overrides`) is refused
+    when it is no bundle argument (a typo) and named in a ``warning:`` line when it is another workflow's.
 
     Returns:
         the parsed values.
@@ -254,8 +256,10 @@ def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterab
     if argv is not None and run_ids:
         for key in unused_overrides(config, argv, run_ids):
             top = key.split("#", 1)[0]
-            if top in BUNDLE_ARGS:
-                raise ArgError(key, "this workflow does not use it, so it would change nothing")
+            if top in BUNDLE_ARGS:  # a setting of another workflow (e.g. stage 1's --preset given to training)
+                print(f"warning: --{key}: the {run_ids[1] if len(run_ids) > 1 else 'this'} workflow does not use it; "
+                      "it changes nothing", file=sys.stderr, flush=True)
+                continue
             known = (used_keys(config, run_ids) | set(BUNDLE_ARGS)) - {top}
             raise ArgError(key, "not a key of this workflow's configs, so it would change nothing" + suggest(top, known))
     values = check_bundle_args(config, resolve=parser.get_parsed_content)
@@ -300,7 +304,8 @@ def bundle_guard(writable: Sequence[str | os.PathLike] = (), argv: Sequence[str]
         {"_target_": "amvlm_monai.utils.errors.bundle_guard", "writable": ["@ckpt_dir"]}
 
     Before anything is built: refuses ``--key None`` (MONAI's command line would drop it without a word) and, on a
-    ``python -m monai.bundle`` command line, overrides that no config uses (a typo); parses and checks every bundle
+    ``python -m monai.bundle`` command line, an override the workflow does not use (a typo; another workflow's
+    setting only gets a ``warning:`` line); parses and checks every bundle
     argument of the config that is building it (:func:`check_config`, :data:`~amvlm_monai.utils.args.BUNDLE_ARGS`)
     and writes the parsed values back; checks that the output folders can be written.
 
