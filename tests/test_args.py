@@ -61,6 +61,10 @@ def test_other_booleans_are_refused_naming_the_key(bad):
     ("amp", "half", "--amp: 'half' is not a boolean; allowed: true or false (also 1/0, yes/no; any case), or auto, "
                     "bf16, bfloat16, fp16, float16"),
     ("dataset_dir", None, "--dataset_dir: null is not allowed; allowed: a path"),
+    ("image_size", 8, "--image_size: 8 is out of range; allowed: an integer >= 16, or a pair [H, W] of them"),
+    ("image_size", [32, "x"], "--image_size: 'x' is not an integer; allowed: an integer >= 16, or a pair [H, W] of them"),
+    ("image_size", [32, 32, 3], "--image_size: [32, 32, 3] is not one size or a pair; allowed: an integer >= 16, or a "
+                                "pair [H, W] of them"),
 ])
 def test_wrong_values_give_one_line_naming_the_key(key, value, message):
     with pytest.raises(ArgError) as e:
@@ -72,7 +76,7 @@ def test_wrong_values_give_one_line_naming_the_key(key, value, message):
     ("seed", "7", 7), ("max_epochs", 3.0, 3), ("learning_rate", "1e-3", 1e-3), ("learning_rate", 1, 1.0),
     ("labeled_percent", "50", 50), ("labeled_percent", 12.5, "12p5"), ("labeled_percent", "12p5", "12p5"),
     ("amp", "BF16", "bf16"), ("amp", "false", False), ("unet_size", "Light", "light"), ("slice_axcodes", "las", "LAS"),
-    ("dataset_dir", 2024, "2024"), ("text_model", None, None), ("grad_clip", None, None),
+    ("dataset_dir", 2024, "2024"), ("image_size", "64", 64), ("image_size", (32, "48"), [32, 48]), ("text_model", None, None), ("grad_clip", None, None),
     ("use_text", "$@x", "$@x"), ("not_an_argument", "anything", "anything"),
 ])
 def test_values_are_parsed_to_what_the_configs_use(key, value, parsed):

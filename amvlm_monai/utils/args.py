@@ -64,7 +64,8 @@ class Arg:
     Args:
         kind: ``"bool"``, ``"int"``, ``"float"``, ``"choice"``, ``"str"``, ``"path"``, ``"strings"`` (a string or a
             list of them), ``"amp"`` (a boolean or a precision name), ``"axcodes"`` (an orientation such as
-            ``RAS``), ``"percent"`` (a label percentage naming a split file).
+            ``RAS``), ``"percent"`` (a label percentage naming a split file), ``"size"`` (an integer or an
+            ``[H, W]`` pair of them).
         help: what it does (one line, for the docs).
         low, high: bounds of a number (None: unbounded); ``above``/``below`` make them exclusive.
         choices: the values of a ``"choice"``.
@@ -89,6 +90,8 @@ class Arg:
         elif self.kind in ("int", "float", "percent"):
             noun = {"int": "an integer", "float": "a number", "percent": "a percentage"}[self.kind]
             text = noun + self._range()
+        elif self.kind == "size":
+            text = f"an integer{self._range()}, or a pair [H, W] of them"
         elif self.kind == "choice":
             text = "one of " + ", ".join(map(str, self.choices))
         elif self.kind == "axcodes":
@@ -132,6 +135,19 @@ class Arg:
             return _as_bool(key, value, self.allowed())
         if kind in ("int", "float", "percent"):
             return self._number(key, value)
+        if kind == "size":
+            if isinstance(value, (list, tuple)):
+                if len(value) != 2:
+                    raise ArgError(key, f"{_text(value)} is not one size or a pair", self.allowed())
+                whole = Arg("int", self.help, self.low, self.high)
+                try:
+                    return [whole.parse(key, v) for v in value]
+                except ArgError as e:
+                    raise ArgError(key, str(e).split(": ", 1)[1].split("; allowed")[0], self.allowed()) from None
+            try:
+                return Arg("int", self.help, self.low, self.high).parse(key, value)
+            except ArgError as e:
+                raise ArgError(key, str(e).split(": ", 1)[1].split("; allowed")[0], self.allowed()) from None
         if kind == "strings":
             if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
                 return value
@@ -278,7 +294,7 @@ BUNDLE_ARGS: dict[str, Arg] = {
     "panels_per_case": _int("panels per volume (volume data)", 1),
     "selection_metric": Arg("str", "the validation metric that keeps the best model"),
     # data shape
-    "image_size": _int("image side in pixels (the light U-Net needs a multiple of 16)", 16),
+    "image_size": Arg("size", "image side in pixels, or [H, W] (the light U-Net needs multiples of 16)", 16),
     "in_channels": _int("image channels", 1),
     "out_channels": _int("output channels (classes with background when multi-class)", 1),
     "multiclass": _bool("multi-class labels (softmax) instead of one binary mask"),
