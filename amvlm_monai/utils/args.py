@@ -45,8 +45,9 @@ class ArgError(ValueError):
     """
 
     def __init__(self, key: str, problem: str, allowed: str = "") -> None:
-        self.key = key
-        super().__init__(f"--{key}: {problem}" + (f"; allowed: {allowed}" if allowed else ""))
+        self.key, self.problem, self.allowed = key, problem, allowed
+        self.detail = problem + (f"; allowed: {allowed}" if allowed else "")  # the message without ``--key: ``
+        super().__init__(f"--{key}: {self.detail}")
 
 
 def _text(value: Any) -> str:
@@ -136,18 +137,13 @@ class Arg:
         if kind in ("int", "float", "percent"):
             return self._number(key, value)
         if kind == "size":
-            if isinstance(value, (list, tuple)):
-                if len(value) != 2:
-                    raise ArgError(key, f"{_text(value)} is not one size or a pair", self.allowed())
-                whole = Arg("int", self.help, self.low, self.high)
-                try:
-                    return [whole.parse(key, v) for v in value]
-                except ArgError as e:
-                    raise ArgError(key, str(e).split(": ", 1)[1].split("; allowed")[0], self.allowed()) from None
+            if isinstance(value, (list, tuple)) and len(value) != 2:
+                raise ArgError(key, f"{_text(value)} is not one size or a pair", self.allowed())
+            side = Arg("int", self.help, self.low, self.high)
             try:
-                return Arg("int", self.help, self.low, self.high).parse(key, value)
+                return [side.parse(key, v) for v in value] if isinstance(value, (list, tuple)) else side.parse(key, value)
             except ArgError as e:
-                raise ArgError(key, str(e).split(": ", 1)[1].split("; allowed")[0], self.allowed()) from None
+                raise ArgError(key, e.problem, self.allowed()) from None
         if kind == "strings":
             if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
                 return value
@@ -388,8 +384,7 @@ def _check_percent(raw: Any, folder: Any) -> int | str:
     try:
         percent = BUNDLE_ARGS["labeled_percent"].parse("labeled_percent", raw)
     except ArgError as e:
-        raise ArgError("labeled_percent", str(e).split(": ", 1)[1].split("; allowed")[0],
-                       _splits_there(folder)) from None
+        raise ArgError("labeled_percent", e.problem, _splits_there(folder)) from None
     name = f"split_labeled{percent}.json"
     if not (folder / name).is_file():
         shown = str(percent).replace("p", ".")
@@ -475,7 +470,7 @@ def arg_type(spec: Arg, name: str = "") -> Callable[[str], Any]:
         try:
             return spec.parse(name, text)
         except ArgError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+            raise argparse.ArgumentTypeError(e.detail) from None
 
     parse.__name__ = spec.kind  # argparse names the type in some messages
     return parse

@@ -6,13 +6,13 @@
   the exception through with its traceback.
 - :func:`bundle_guard` is the first item of every bundle config's ``initialize`` list. Before anything is built it
   refuses command-line overrides that MONAI would drop (``--key None``) or that the workflow does not use (a typo),
-  parses and
-  checks every bundle argument against the schema of :mod:`amvlm_monai.utils.args` and writes the parsed values back
-  into the config, and checks that the output folders can be written. On a ``python -m monai.bundle`` command line
-  every user error of the run (here or later: a missing checkpoint, no images, bad data) then ends the command with
-  its ``error: <file or key>: <what is wrong>`` line(s) and exit status 2, without a traceback; a bug keeps its
-  traceback, with the project's message first (MONAI wraps an error raised while it builds a config component in one
-  ``RuntimeError("Failed to instantiate ...")`` per level). ``AMVLM_DEBUG=1`` shows every traceback in full.
+  parses and checks every bundle argument against the schema of :mod:`amvlm_monai.utils.args` and writes the parsed
+  values back into the config, and checks that the output folders can be written. On a ``python -m monai.bundle``
+  command line every user error of the run (here or later: a missing checkpoint, no images, bad data) then ends the
+  command with its ``error: <file or key>: <what is wrong>`` line(s) and exit status 2, without a traceback; a bug
+  keeps its traceback, with the project's message first (MONAI wraps an error raised while it builds a config
+  component in one ``RuntimeError("Failed to instantiate ...")`` per level). ``AMVLM_DEBUG=1`` shows every traceback
+  in full.
 - :func:`require_file` is a config component that stops a run whose input is missing, naming the command that writes
   it.
 """
@@ -257,8 +257,9 @@ def check_config(parser: Any, argv: Sequence[str] | None = None, run_ids: Iterab
         for key in unused_overrides(config, argv, run_ids):
             top = key.split("#", 1)[0]
             if top in BUNDLE_ARGS:  # a setting of another workflow (e.g. stage 1's --preset given to training)
-                print(f"warning: --{key}: the {run_ids[1] if len(run_ids) > 1 else 'this'} workflow does not use it; "
-                      "it changes nothing", file=sys.stderr, flush=True)
+                name = run_ids[1] if len(run_ids) > 1 else run_ids[0]  # (init, run, final): the run id
+                print(f"warning: --{key}: the {name} workflow does not use it; it changes nothing", file=sys.stderr,
+                      flush=True)
                 continue
             known = (used_keys(config, run_ids) | set(BUNDLE_ARGS)) - {top}
             raise ArgError(key, "not a key of this workflow's configs, so it would change nothing" + suggest(top, known))
@@ -303,11 +304,11 @@ def bundle_guard(writable: Sequence[str | os.PathLike] = (), argv: Sequence[str]
 
         {"_target_": "amvlm_monai.utils.errors.bundle_guard", "writable": ["@ckpt_dir"]}
 
-    Before anything is built: refuses ``--key None`` (MONAI's command line would drop it without a word) and, on a
-    ``python -m monai.bundle`` command line, an override the workflow does not use (a typo; another workflow's
-    setting only gets a ``warning:`` line); parses and checks every bundle
-    argument of the config that is building it (:func:`check_config`, :data:`~amvlm_monai.utils.args.BUNDLE_ARGS`)
-    and writes the parsed values back; checks that the output folders can be written.
+    Before anything is built: on a ``python -m monai.bundle`` command line, refuses ``--key None`` (MONAI's command
+    line would drop it without a word) and an override the workflow does not use (a typo; another workflow's setting
+    only gets a ``warning:`` line); parses and checks every bundle argument of the config that is building it
+    (:func:`check_config`, :data:`~amvlm_monai.utils.args.BUNDLE_ARGS`) and writes the parsed values back; checks
+    that the output folders can be written.
 
     On a ``python -m monai.bundle`` command line a user error (a wrong value, bad data, a missing file; here or later
     in the run) ends the command with its ``error: <file or key>: <what is wrong>`` line(s) and exit status 2, no
