@@ -11,6 +11,9 @@ uses is an error (it would be a silent typo). ``metadata.json`` is per bundle an
 ``inference.json``'s ``model_defaults`` (what inference assumes when no ``model_info.json`` lies beside the weights,
 so that ``verify_net_in_out`` builds ``network_def`` in a fresh checkout) take ``train.json``'s values of the same
 keys: a model of the bundle's own training configuration.
+
+Each bundle's ``docs/README.md`` is written by hand except its arguments table (between the ``<!-- arguments``
+markers): the schema of ``amvlm_monai/utils/args.py`` with this bundle's defaults per workflow, written here too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 TEMPLATE = BUNDLES / "_template" / "configs"
 SETTINGS = BUNDLES / "datasets.json"
+if str(ROOT) not in sys.path:  # the schema and the library values of this checkout, not of an installed copy
+    sys.path.insert(0, str(ROOT))
+BEGIN = "<!-- arguments: written by scripts/build_bundles.py from amvlm_monai/utils/args.py; do not edit -->"
+END = "<!-- end of arguments -->"
+#: workflow -> the configs it merges (the docs table's columns)
+WORKFLOWS = {"pretraining": ["pretrain.json"], "training": ["train.json"],
+             "evaluating": ["train.json", "evaluate.json"], "inferring": ["inference.json"]}
 
 
 def _value(value):
@@ -68,6 +78,39 @@ def model_defaults(configs: dict[Path, dict]) -> None:
         infer["model_defaults"] = {k: train.get(k, v) for k, v in defaults.items()}
 
 
+def arguments_section(rendered: dict[Path, str]) -> str:
+    """The docs' arguments block (markers included) for a bundle's rendered configs."""
+    from amvlm_monai.utils.args import args_table
+
+    from monai.bundle import ConfigParser
+
+    columns = {}
+    for workflow, names in WORKFLOWS.items():
+        parser = ConfigParser({})
+        for name in names:  # as MONAI merges them: "a#b" keys of a later file go into the earlier file's "a"
+            for key, value in json.loads(rendered[Path(name)]).items():
+                parser[key] = value
+        columns[workflow] = (parser.config, ["initialize", workflow, "finalize"])
+    intro = ("Every argument below is checked before a run builds anything: a value of the wrong type or out of range "
+             "stops the command with one line `error: --key: <what is wrong>; allowed: <what is>` and exit status 2. "
+             "Booleans accept true/false in any case, 1/0 and yes/no. An override that is no key of the workflow is "
+             "refused too (a typo would otherwise change nothing); an argument of another workflow gets a `warning:` "
+             "line. `derived`: computed from other keys or "
+             "read from `models/model_info.json`; `-`: that workflow does not use it.")
+    return f"{BEGIN}\n{intro}\n\n{args_table(columns)}\n{END}"
+
+
+def render_docs(text: str, section: str) -> str:
+    """``text`` (a bundle's docs/README.md) with its arguments block replaced by ``section``; a README without one
+    gets an ``## Arguments`` section before ``## System configuration`` (or at the end)."""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + section + rest.split(END, 1)[1]
+    block = f"## Arguments\n{section}\n\n"
+    anchor = "## System configuration"
+    return text.replace(anchor, block + anchor, 1) if anchor in text else text.rstrip("\n") + "\n\n" + block
+
+
 def bundles() -> dict[str, dict]:
     data = json.loads(SETTINGS.read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -87,15 +130,22 @@ def differences() -> list[str]:
             rel = path.relative_to(configs)
             if path.is_file() and rel not in rendered and rel.name != "metadata.json":
                 problems.append(f"{path.relative_to(ROOT)} (not in the template)")
+        readme = BUNDLES / name / "docs" / "README.md"
+        if readme.is_file() and render_docs(readme.read_text(), arguments_section(rendered)) != readme.read_text():
+            problems.append(f"{readme.relative_to(ROOT)} (its arguments table)")
     return problems
 
 
 def write() -> None:
     for name, settings in bundles().items():
-        for rel, text in render(name, settings).items():
+        rendered = render(name, settings)
+        for rel, text in rendered.items():
             path = BUNDLES / name / "configs" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+        readme = BUNDLES / name / "docs" / "README.md"
+        if readme.is_file():
+            readme.write_text(render_docs(readme.read_text(), arguments_section(rendered)))
 
 
 def main(argv=None) -> int:

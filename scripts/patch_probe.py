@@ -20,6 +20,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from amvlm_monai.utils.args import Arg, arg_type
+
 
 def _batch(datalist: str, key: str, size: int) -> dict:
     from monai.data import DataLoader, Dataset
@@ -65,8 +67,10 @@ def probe_auc(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datalist", required=True, help="converted data set's datalist.json (binary masks)")
-    parser.add_argument("--size", type=int, default=64, help="image side the checkpoints were trained at")
-    parser.add_argument("--cover", type=float, default=0.25, help="lesion share that makes a patch a lesion patch")
+    parser.add_argument("--size", type=arg_type(Arg("int", "", 1)), default=64,
+                        help="image side the checkpoints were trained at")
+    parser.add_argument("--cover", type=arg_type(Arg("float", "", 0, 1, above=True)), default=0.25,
+                        help="lesion share that makes a patch a lesion patch")
     parser.add_argument("checkpoints", nargs="+", help="stage-1 checkpoints, or 'random' for an untrained tower")
     args = parser.parse_args(argv)
     from amvlm_monai.networks.amvlm import build_amvlm, load_amvlm

@@ -164,11 +164,23 @@ def test_variants_train(bundle_copy, demo_data, variant, tmp_path):
     assert (tmp_path / "model.pt").is_file()
 
 
-def test_inference_on_an_empty_folder_names_it(bundle_copy, tmp_path):
+@pytest.fixture(scope="module")
+def light_model(tmp_path_factory):
+    """An untrained light U-Net's ``model.pt`` (1 -> 1 channel) and the flags that describe it without
+    ``model_info.json``."""
+    from amvlm_monai.networks.segmentation import build_segmentation_net
+
+    path = tmp_path_factory.mktemp("light") / "model.pt"
+    torch.save(build_segmentation_net(spatial_dims=2, in_channels=1, out_channels=1, size="light").state_dict(), path)
+    return path, dict(image_size=32, in_channels=1, out_channels=1, multiclass=False, unet_size="light", threshold=0.5)
+
+
+def test_inference_on_an_empty_folder_names_it(bundle_copy, light_model, tmp_path):
     (tmp_path / "empty").mkdir()
+    model, settings = light_model
     with pytest.raises(Exception) as err:
         _run(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"), num_workers=0,
-             image_size=32, in_channels=1, out_channels=1, multiclass=False, unet_size="paper", threshold=0.5)
+             model_path=str(model), **settings)
     chain, e = [], err.value
     while e is not None:
         chain.append(str(e))
@@ -304,3 +316,69 @@ def test_tracking_mlflow_without_mlflow_names_the_package_to_install(bundle_copy
         e = e.__cause__ or e.__context__
     assert MLFLOW_MISSING in chain
     assert not (tmp_path / "model.pt").exists()  # stopped before training
+
+
+def _cli(bundle, run_id, configs, **overrides):
+    """``python -m monai.bundle run`` in a subprocess, as a user runs it; ``--key value`` for each override."""
+    import subprocess
+    import sys
+
+    files = _configs(bundle, *configs)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(files) if len(files) > 1 else
+           files[0], "--bundle_root", str(bundle)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("AMVLM_DEBUG", None)
+    return subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _one_error_line(proc) -> str:
+    """The run's only ``error:`` line, after checking exit status 2 and that no traceback was printed."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_command_line_booleans_mean_what_they_say(bundle_copy, demo_data, tmp_path):
+    """``--use_text false`` (MONAI's command line passes the string "false") trains a Mean-Teacher without text
+    guidance: it runs where no stage-1 checkpoint exists, and the state holds no text-mask decoder;
+    ``--tensorboard FALSE`` writes no event files; ``--use_unlabeled True`` keeps the teacher."""
+    proc = _cli(bundle_copy, "training", ["train.json"], dataset_dir=str(demo_data), output_dir=str(tmp_path),
+                use_text="false", tensorboard="FALSE", use_unlabeled="True", overwrite="yes",
+                **{k: v for k, v in TINY_OVERRIDES.items() if k != "preset"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "amvlm_pretrained.pt").exists()
+    state = torch.load(tmp_path / "train_state_epoch=1.pt", weights_only=True)
+    assert "guidance" not in state and "teacher" in state and (tmp_path / "model.pt").is_file()
+    assert " consistency: " in proc.stdout and " tg: " not in proc.stdout  # the logged terms: no L_tg
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_training_without_its_stage1_checkpoint_names_the_pretraining_command(bundle_copy, demo_data, tmp_path):
+    line = _one_error_line(_cli(bundle_copy, "training", ["train.json"], dataset_dir=str(demo_data),
+                                output_dir=str(tmp_path), num_workers=0))
+    assert line == (f"error: {tmp_path}/amvlm_pretrained.pt: stage-1 checkpoint not found; the pretraining workflow "
+                    "writes it: python -m monai.bundle run pretraining --config_file configs/pretrain.json (a variant's: "
+                    "add its configs/variants/pretrain_*.json)")
+    assert sorted(os.listdir(tmp_path)) == []  # stopped before anything was built
+
+
+def test_pretraining_that_would_train_nothing_is_an_error(bundle_copy, demo_data, tmp_path):
+    """A batch larger than the data with drop_last: MONAI would skip the run and exit 0 having trained nothing."""
+    n = len(json.loads((demo_data / "datalist.json").read_text())["training"])
+    line = _one_error_line(_cli(bundle_copy, "pretraining", ["pretrain.json"], dataset_dir=str(demo_data),
+                                output_dir=str(tmp_path), **dict(PRETRAIN_TINY, batch_size=n + 1)))
+    assert line == (f"error: --batch_size: {n + 1} is more than the {n} pretraining items and incomplete batches are "
+                    f"dropped (drop_last): no step would run; allowed: an integer from 1 to {n}")
+    assert not (tmp_path / "amvlm_pretrained.pt").exists()
+
+
+def test_inference_on_a_folder_without_images_is_one_line(bundle_copy, light_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    model, settings = light_model
+    line = _one_error_line(_cli(bundle_copy, "inferring", ["inference.json"], input_dir=str(tmp_path / "empty"),
+                                model_path=str(model), output_masks_dir=str(tmp_path / "out"), num_workers=0,
+                                **settings))
+    assert line == f"error: no images found in {tmp_path / 'empty'}: nothing to process."

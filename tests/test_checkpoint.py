@@ -291,7 +291,7 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_outputs_unless_told(tmp_pa
     (tmp_path / "train_state_epoch=3.pt").write_bytes(b"earlier state")
     TrainingState(tmp_path, {}, outputs=outputs, overwrite="True").start(engine)
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # states of the earlier run removed, the best model kept
-    with pytest.raises(ValueError, match="--resume must be true or false"):
+    with pytest.raises(ValueError, match="--resume: .maybe. is not a boolean; allowed: true or false"):
         TrainingState(tmp_path, {}, resume="maybe")
 
 
@@ -331,6 +331,11 @@ def test_pretraining_resumes_to_the_same_weights(demo_data, tmp_path):
     assert len(a["random"]["transforms"]) >= 8  # the ICL view's random transforms
     ta, tb = dict(_tensors(a)), dict(_tensors(b))
     assert ta.keys() == tb.keys() and not [k for k in ta if not torch.equal(ta[k], tb[k])]
+    from amvlm_monai.io.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="pretrain_state_epoch=2.pt: the run being resumed already trained 2 "
+                                              "epochs, so --max_epochs 2 leaves nothing to train; give --max_epochs > 2"):
+        pretrain(tmp_path / "resumed", 2, resume=True)  # a finished run resumed as it was: nothing to train
 
 
 # ---- a real training process killed mid-epoch -----------------------------------------------------------------------

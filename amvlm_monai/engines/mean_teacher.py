@@ -21,7 +21,7 @@ from torch import nn
 from amvlm_monai.engines.ema import TEACHER_BN, ema_update, own_batch_statistics, recompute_bn_statistics
 from amvlm_monai.engines.guidance import TextGuidance
 from amvlm_monai.engines.pretrainer import batch_names
-from amvlm_monai.engines.step import OptimStep, check_finite, scalars
+from amvlm_monai.engines.step import OptimStep, check_finite, check_steps, scalars
 from amvlm_monai.evaluation.metrics import segmentation_scores
 from amvlm_monai.losses.semi import consistency_weight
 from amvlm_monai.utils.precision import autocast
@@ -88,6 +88,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
         diagnostic_interval: compute ``text_mask_dice`` (the text masks of the labelled batch against its labels, which
             costs a pass of the frozen image tower) at iterations 1, 1 + N, 1 + 2N, ...; 0 never. L_tg and the pseudo
             labels use the unlabelled images only, as the authors' code does.
+
+    Raises:
+        ValueError: a run that would train nothing (:func:`~amvlm_monai.engines.step.check_steps`): no labelled or no
+            unlabelled data, or a zero ``epoch_length``.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Iterable,
@@ -103,6 +107,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
             raise ValueError("an unlabeled_loader needs a teacher and a consistency_loss.")
         if guidance is not None and unlabeled_loader is None:
             raise ValueError("text guidance refines pseudo labels: it needs an unlabeled_loader.")
+        check_steps(train_data_loader, epoch_length, "labelled training")  # before any handler is attached
+        if unlabeled_loader is not None:
+            check_steps(unlabeled_loader, None, "unlabelled training")
         if epoch_length is None and unlabeled_loader is not None:
             epoch_length = max(len(train_data_loader), len(unlabeled_loader))  # type: ignore[arg-type]
         device = torch.device(device)

@@ -10,7 +10,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from amvlm_monai.engines.step import OptimStep, check_finite, scalars
+from amvlm_monai.engines.step import OptimStep, check_finite, check_steps, scalars
 from amvlm_monai.utils.distributed import global_mean, is_distributed, sync_batchnorm
 from amvlm_monai.utils.precision import autocast
 
@@ -66,12 +66,17 @@ class AMVLMPretrainer(SupervisedTrainer):
             computes it natively, float16 with a grad scaler on other GPUs, else float32).
         grad_clip: gradient-norm clipping (None or 0 disables it).
         kwargs: passed to ``SupervisedTrainer``.
+
+    Raises:
+        ValueError: a run that would train nothing (:func:`~amvlm_monai.engines.step.check_steps`): no data, or a batch
+            larger than the data with ``drop_last``.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Iterable,
                  network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
                  epoch_length: int | None = None, train_handlers: Sequence | None = None, amp: bool | str = False,
                  grad_clip: float | None = 1.0, **kwargs: Any) -> None:
+        check_steps(train_data_loader, epoch_length, "pretraining")  # before any handler is attached
         device = torch.device(device)
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
                          network=network, optimizer=optimizer, loss_function=loss_function,

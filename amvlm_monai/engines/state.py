@@ -167,9 +167,10 @@ class _EngineState:
                                   f"{length}: batch size or data changed, so it cannot continue where it stopped.")
         self.engine.load_state_dict(state)
         if max_epochs is not None:
-            if self.engine.state.epoch > max_epochs:
-                raise CheckpointError(f"the run being resumed already trained {self.engine.state.epoch} epochs, more "
-                                      f"than max_epochs = {max_epochs}.")
+            if self.engine.state.epoch >= max_epochs:  # nothing left to train: ignite would end at once, exit 0
+                raise CheckpointError(f"the run being resumed already trained {self.engine.state.epoch} epochs, so "
+                                      f"--max_epochs {max_epochs} leaves nothing to train; give --max_epochs > "
+                                      f"{self.engine.state.epoch} to train longer.")
             self.engine.state.max_epochs = max_epochs
 
 

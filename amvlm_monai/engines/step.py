@@ -1,4 +1,5 @@
-"""What both trainers share: mixed precision, a non-finite check, scaled backward, clipping and the optimiser step.
+"""What both trainers share: mixed precision, a non-finite check, scaled backward, clipping and the optimiser step,
+and the refusal of a run that would train nothing (:func:`check_steps`).
 
 Why this is not ``SupervisedTrainer(amp=True)``: MONAI's AMP step autocasts on CUDA only (``torch.autocast("cuda")``)
 and always creates a float16 ``GradScaler``; it has no CPU bfloat16 path, no bfloat16-without-scaler path, no gradient
@@ -41,6 +42,41 @@ def check_finite(terms: Mapping[str, torch.Tensor], where: str = "") -> None:
     if bad:
         raise FloatingPointError(f"non-finite loss {bad}{' at ' + where if where else ''}; "
                                  "lower the learning rate, disable AMP, or check the inputs.")
+
+
+def _size(obj: object) -> Optional[int]:
+    try:
+        return len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def check_steps(loader: Iterable, epoch_length: Optional[int], what: str = "training") -> None:
+    """Refuse a run that would train nothing (MONAI and ignite skip it with a warning and end as if it had finished).
+
+    Args:
+        loader: the trainer's data loader (its size, ``dataset``, ``batch_size`` and ``drop_last`` are looked at when
+            it has them).
+        epoch_length: iterations per epoch (None: the loader's length).
+        what: what the loader holds, for the message (e.g. "labelled training").
+
+    Raises:
+        ValueError: ``--batch_size: ...`` when every batch is dropped as incomplete, else naming the empty data or
+            the zero epoch length.
+    """
+    batches = _size(loader)
+    items = _size(getattr(loader, "dataset", None))
+    if batches == 0:
+        size, drop = getattr(loader, "batch_size", None), getattr(loader, "drop_last", False)
+        if items:
+            if drop and size and size > items:
+                raise ValueError(f"--batch_size: {size} is more than the {items} {what} items and incomplete batches "
+                                 f"are dropped (drop_last): no step would run; allowed: an integer from 1 to {items}")
+            raise ValueError(f"{what} data: {items} items give no batch: no step would run")
+        raise ValueError(f"{what} data: no items: nothing to train on (an empty split?)")
+    if epoch_length is not None and epoch_length < 1:
+        raise ValueError(f"--epoch_length: {epoch_length} iterations per epoch: no step would run; allowed: an "
+                         "integer >= 1")
 
 
 def scalars(terms: Mapping[str, torch.Tensor]) -> dict[str, float]:

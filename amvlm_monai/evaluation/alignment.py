@@ -369,12 +369,15 @@ def alignment_maps(model: torch.nn.Module, image: str, reports: Sequence[str]) -
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the alignment metrics of a stage-1 checkpoint on one split of a datalist, as JSON."""
+    from amvlm_monai.utils.args import Arg, arg_type
+
+    positive = arg_type(Arg("int", "", 1))
     parser = argparse.ArgumentParser(prog="python -m amvlm_monai.evaluation.alignment", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (amvlm_pretrained.pt)")
     parser.add_argument("--datalist", required=True, help="datalist.json of a converted data set")
     parser.add_argument("--key", default="validation", help="the split (its items need label and text)")
-    parser.add_argument("--limit", type=int, default=None, help="score the first N items only")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=positive, default=None, help="score the first N items only (N >= 1)")
+    parser.add_argument("--batch-size", type=positive, default=32)
     args = parser.parse_args(argv)
     from amvlm_monai.utils.errors import cli_errors
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -278,11 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fig.add_argument("--prefer", default="amvlm", help="take the panels of the variant whose path contains this")
     fig.add_argument("--checkpoint", default=None, help="stage-1 checkpoint (default: found under --run)")
     args = parser.parse_args(argv)
-    try:
+    from amvlm_monai.utils.errors import cli_errors
+
+    with cli_errors():  # a missing run folder or checkpoint: `error: <file>: <what is wrong>`, exit status 2
         written = readme_figures(args.run, args.out, prefer=args.prefer, checkpoint=args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from amvlm_monai.workflows.protocol import METHODS, Protocol, summarise
+from amvlm_monai.utils.args import BUNDLE_ARGS, Arg, arg_type
+from amvlm_monai.utils.errors import cli_errors
+from amvlm_monai.workflows.protocol import LABELED, METHODS, Protocol, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,10 +59,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ablation", action="store_true", help="all the slides' ablation rows, and amvlm_mil")
     parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "amvlm", "amvlm_mil"],
                         choices=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--labeled", type=int, nargs="+", default=[25])
+    parser.add_argument("--seeds", type=arg_type(BUNDLE_ARGS["seed"]), nargs="+", default=[0])
+    parser.add_argument("--labeled", type=LABELED, nargs="+", default=[25], help="label ratios in %%")
     for key in FULL:
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+        low = 16 if key == "size" else 1
+        parser.add_argument("--" + key.replace("_", "-"), type=arg_type(Arg("int", "", low)), default=None,
+                            help=f"an integer >= {low}")
     args = parser.parse_args(argv)
     if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
         print(f"error: {ROOT}: the demo runs from a source checkout (bundles/ and data_prep/ not found)",
@@ -70,12 +74,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     work = Path(args.work).resolve()
     print(f"demo in {work}: {sizes}", flush=True)
-    data = make_data(work, sizes)
-    overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
-    pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
-    protocol = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre)
-    methods = list(METHODS) if args.ablation else args.methods
-    rows = protocol.run(methods, args.labeled, args.seeds)
+    with cli_errors():  # a wrong value or bad data in a step: its `error:` line (with the step's log), exit status 2
+        data = make_data(work, sizes)
+        overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
+        pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
+        protocol = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre)
+        methods = list(METHODS) if args.ablation else args.methods
+        rows = protocol.run(methods, args.labeled, args.seeds)
     print()
     print(summarise(rows, work))
     return 0

@@ -39,7 +39,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from amvlm_monai.utils.args import parse_key_values
+from amvlm_monai.utils.args import BUNDLE_ARGS, Arg, ArgError, arg_type, parse_arg, parse_key_values
+from amvlm_monai.utils.errors import error_lines, is_user_error, root_cause
 
 #: method -> (stage-2 variant overlay under configs/variants, stage-1 checkpoint it needs or None, table label)
 METHODS: dict[str, tuple[str, Optional[str], str]] = {
@@ -68,6 +69,24 @@ COMPARISONS = (("amvlm", "mean_teacher"), ("mean_teacher", "supervised"), ("amvl
 
 
 logger = logging.getLogger(__name__)
+
+
+#: argparse type of a label ratio in % (an integer, as the split files the converters write are named)
+LABELED = arg_type(Arg("int", "", 1, 100))
+
+
+def check_overrides(values: Mapping[str, Any], option: str = "--set") -> None:
+    """Check override values against the bundle arguments' schema before any run starts (a bad value would
+    otherwise stop the protocol only when the step that uses it comes, maybe hours in).
+
+    Raises:
+        ValueError: ``<option>: --key: <what is wrong>; allowed: ...``.
+    """
+    for key, value in values.items():
+        try:
+            parse_arg(key, value)
+        except ArgError as e:
+            raise ValueError(f"{option} {e}") from None
 
 
 class Protocol:
@@ -122,12 +141,15 @@ class Protocol:
             try:
                 run(run_id=run_id, config_file=files, meta_file=str(self.bundle / "configs" / "metadata.json"),
                     bundle_root=str(self.bundle), **overrides)
-            except BaseException:
+            except BaseException as e:
                 logger.exception("%s failed", run_id)
-                failed = True
+                failed: Optional[BaseException] = e
             else:
-                failed = False
-        if failed:
+                failed = None
+        if failed is not None:
+            if is_user_error(failed):  # bad data or a wrong value: its own line says what (the log has the rest)
+                line = error_lines(root_cause(failed))[0].removeprefix("error: ")
+                raise ValueError(f"{line} ({run_id}; its log: {log})") from None
             tail = log.read_text(errors="replace").splitlines()[-40:]
             raise RuntimeError(f"{run_id} failed; the end of its log {log}:\n" + "\n".join(tail))
         return time.time() - start
@@ -384,14 +406,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", required=True, help="output folder")
     parser.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "amvlm"],
                         choices=list(METHODS))
-    parser.add_argument("--labeled", nargs="+", type=int, default=[25], help="label ratios in %%")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--labeled", nargs="+", type=LABELED, default=[25], help="label ratios in %%")
+    parser.add_argument("--seeds", nargs="+", type=arg_type(BUNDLE_ARGS["seed"]), default=[0])
     parser.add_argument("--config", nargs="*", default=[], help="extra overlays for every step (bundle-relative)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="stage-2 overrides")
     parser.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE", help="stage-1 overrides")
     parser.add_argument("--method-set", nargs="*", default=[], metavar="METHOD:KEY=VALUE",
                         help="overrides of one method (tuned on the validation split)")
-    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--alpha", type=arg_type(Arg("float", "", 0, 1, above=True, below=True)), default=0.05,
+                        help="significance level of the paired t-tests")
     args = parser.parse_args(argv)
     per_method: dict[str, dict[str, Any]] = {}
     try:
@@ -400,8 +423,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not sep:
                 raise ValueError(f"--method-set: '{item}' is not METHOD:KEY=VALUE")
             per_method.setdefault(method, {}).update(parse_key_values([pair], "--method-set"))
-        protocol = Protocol(args.bundle, args.data, args.work, args.config, parse_key_values(args.set, "--set"),
-                            parse_key_values(args.pretrain_set, "--pretrain-set"), per_method)
+        overrides = parse_key_values(args.set, "--set")
+        pretrain_overrides = parse_key_values(args.pretrain_set, "--pretrain-set")
+        for option, values in [("--set", overrides), ("--pretrain-set", pretrain_overrides)] + [
+                (f"--method-set {m}:", v) for m, v in per_method.items()]:
+            check_overrides(values, option)
+        protocol = Protocol(args.bundle, args.data, args.work, args.config, overrides, pretrain_overrides, per_method)
         rows = protocol.run(args.methods, args.labeled, args.seeds)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
