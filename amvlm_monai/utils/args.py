@@ -254,6 +254,7 @@ BUNDLE_ARGS: dict[str, Arg] = {
     "allow_outside_paths": _bool("accept datalist paths that leave the data folder (../, absolute)"),
     "input_dir": _path("the images to infer on: a folder or one file (default: --dataset_dir)"),
     "image_glob": Arg("strings", "file patterns of the images to infer on"),
+    "recursive": _bool("also read the images in the sub-folders of --input_dir (outputs keep their relative paths)"),
     "bundle_root": _path("the bundle folder"),
     "output_dir": _path("where checkpoints and models are written (default: <bundle_root>/models)"),
     "ckpt_dir": _path("where training writes model.pt, model_info.json and its states (default: --output_dir)"),
@@ -278,7 +279,8 @@ BUNDLE_ARGS: dict[str, Arg] = {
     "val_interval": _int("epochs between validations (no more than --max_epochs: validation keeps the model)", 1),
     "save_interval": _int("epochs between resumable states (0: at the end only)", 0),
     "resume": _bool("continue the run from its last saved state"),
-    "overwrite": _bool("start afresh where an earlier run left its outputs, replacing them"),
+    "overwrite": _bool("start afresh where an earlier run left its outputs, replacing them (inference: replace "
+                       "existing masks)"),
     "amp": Arg("amp", "mixed precision: true = bfloat16 where native (float16 on older GPUs), false = float32"),
     "cudnn_benchmark": _bool("cuDNN autotuning on CUDA"),
     "channels_last": _bool("channels-last memory format for the U-Net (default: on CUDA)"),
