@@ -25,15 +25,9 @@ from amvlm_monai.utils.errors import cli_errors
 from amvlm_monai.workflows.protocol import LABELED, METHODS, Protocol, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
 BUNDLE = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
-
-
 #: sizes of the demo: images per split, image side, stage-1 and stage-2 epochs
 FULL = dict(n_train=240, n_val=60, n_test=120, size=64, pre_epochs=10, epochs=20)
-
-
 QUICK = dict(n_train=24, n_val=8, n_test=8, size=64, pre_epochs=1, epochs=1)
 
 
@@ -51,6 +45,33 @@ def make_data(work: Path, sizes: dict, seed: int = 0) -> Path:
     return data
 
 
+def add_size_options(parser: argparse.ArgumentParser, full: dict) -> None:
+    """``--n-train``, ``--size``, ``--epochs``... for every key of ``full``, each an integer in its range."""
+    for key in full:
+        low = 16 if key == "size" else 1
+        parser.add_argument("--" + key.replace("_", "-"), type=arg_type(Arg("int", "", low)), default=None,
+                            help=f"an integer >= {low} (default {full[key]})")
+
+
+def run_synthetic(work: Path, sizes: dict, methods: Sequence[str], labeled: Sequence[int], seeds: Sequence[int],
+                  **protocol: object) -> str:
+    """Generate the data (unless there), run the protocol with the CPU preset, print and return its tables.
+
+    Raises:
+        FileNotFoundError: not a source checkout (``bundles/`` and ``data_prep/`` are needed).
+    """
+    if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
+        raise FileNotFoundError(f"{ROOT}: this runs from a source checkout (bundles/ and data_prep/ not found)")
+    data = make_data(work, sizes)
+    overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
+    pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
+    rows = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre, **protocol).run(methods, labeled, seeds)
+    print()
+    text = summarise(rows, work)
+    print(text)
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amvlm_monai.workflows.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,28 +82,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         choices=list(METHODS))
     parser.add_argument("--seeds", type=arg_type(BUNDLE_ARGS["seed"]), nargs="+", default=[0])
     parser.add_argument("--labeled", type=LABELED, nargs="+", default=[25], help="label ratios in %%")
-    for key in FULL:
-        low = 16 if key == "size" else 1
-        parser.add_argument("--" + key.replace("_", "-"), type=arg_type(Arg("int", "", low)), default=None,
-                            help=f"an integer >= {low}")
+    add_size_options(parser, FULL)
     args = parser.parse_args(argv)
-    if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
-        print(f"error: {ROOT}: the demo runs from a source checkout (bundles/ and data_prep/ not found)",
-              file=sys.stderr)
-        return 2
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     work = Path(args.work).resolve()
     print(f"demo in {work}: {sizes}", flush=True)
     with cli_errors():  # a wrong value or bad data in a step: its `error:` line (with the step's log), exit status 2
-        data = make_data(work, sizes)
-        overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
-        pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
-        protocol = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre)
-        methods = list(METHODS) if args.ablation else args.methods
-        rows = protocol.run(methods, args.labeled, args.seeds)
-    print()
-    print(summarise(rows, work))
+        run_synthetic(work, sizes, list(METHODS) if args.ablation else args.methods, args.labeled, args.seeds)
     return 0
 
 

@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from amvlm_monai.workflows.demo import BUNDLE, ROOT, make_data
-from amvlm_monai.workflows.protocol import Protocol, summarise
+from amvlm_monai.utils.args import BUNDLE_ARGS, arg_type
+from amvlm_monai.utils.errors import cli_errors
+from amvlm_monai.workflows.demo import ROOT, add_size_options, run_synthetic
 
 #: images per split, image side, stage-1 and stage-2 epochs (budget: docs/calibration.md)
 FULL = dict(n_train=4000, n_val=400, n_test=800, size=64, pre_epochs=6, epochs=4)
@@ -46,34 +47,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "runs" / "evidence"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")
     parser.add_argument("--fresh", action="store_true", help="start over instead of continuing a killed run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=arg_type(BUNDLE_ARGS["seed"]), nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    for key in FULL:
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    add_size_options(parser, FULL)
     args = parser.parse_args(argv)
-    if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
-        print(f"error: {ROOT}: the evidence run needs a source checkout (bundles/ and data_prep/ not found)",
-              file=sys.stderr)
-        return 2
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    bad = [f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v < 1]
-    if bad:
-        print(f"error: {', '.join(bad)}: sizes and epochs must be >= 1", file=sys.stderr)
-        return 2
     work = Path(args.work).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
     start = time.time()
     print(f"evidence in {work}: {sizes}, seeds {args.seeds}", flush=True)
-    data = make_data(work, sizes)
-    overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
-    pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
-    protocol = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre, stage1_seed=0, resume=True)
-    rows = protocol.run(args.methods, [25], args.seeds)
-    print()
-    text = summarise(rows, work)
-    print(text)
+    with cli_errors():
+        run_synthetic(work, sizes, args.methods, [25], args.seeds, stage1_seed=0, resume=True)
     minutes = (time.time() - start) / 60
     with open(work / "results.md", "a") as f:
         f.write(f"\nSizes {sizes}, seeds {args.seeds}; this invocation took {minutes:.1f} min.\n")
