@@ -65,7 +65,8 @@ from amvlm_monai.data.describe import describe_mask
 
 from ._xlsx import write_xlsx
 
-__all__ = ["SPLITS", "REGIMES", "DEFAULT_REGIME", "QataParams", "make_case", "make_demo_dataset", "main"]
+__all__ = ["SPLITS", "REGIMES", "DEFAULT_REGIME", "QataParams", "make_case", "make_demo_dataset", "lesion_stats",
+           "main"]
 
 #: (file prefix, folder, spreadsheet) per split, in the LViT layout.
 SPLITS = (("train", "Train_Folder", "Train_text.xlsx"), ("val", "Val_Folder", "Val_text.xlsx"),
@@ -419,6 +420,54 @@ def make_case(rng: np.random.Generator, size: int = 64, regime: str = DEFAULT_RE
     if regime != "qata":
         raise ValueError(f"unknown regime {regime!r}; known: {REGIMES}")
     return _make_case_qata(rng, size, params or QataParams())
+
+
+def lesion_stats(masks, patch: int = 8) -> dict:
+    """Lesion statistics of binary masks, as the ``qata`` regime is checked and documented.
+
+    Args:
+        masks: (H, W) arrays, nonzero = lesion.
+        patch: the ViT patch side in pixels (8 at 64 px).
+
+    Returns:
+        ``fg_mean`` (mean foreground fraction per image), ``empty_share`` (images without a lesion),
+        ``count_share`` (region count -> share of images), ``bilateral_share`` (share of the images with a lesion
+        that have one in each lung), ``regions``, ``span2_share`` (share of regions whose bounding box spans >= 2
+        patches in its longer direction), ``patches_median`` (median number of patches a region touches),
+        ``zone_share`` (share of regions reaching the upper / middle / lower third of the image).
+    """
+    from amvlm_monai.data.describe import find_regions
+
+    fg, counts, bilateral, spans, touched, zones = [], [], [], [], [], np.zeros(3)
+    for m in masks:
+        m = np.asarray(m) != 0
+        fg.append(float(m.mean()))
+        regions = find_regions(m)
+        counts.append(len(regions))
+        if regions:
+            bilateral.append(len({r.side for r in regions} - {1}) == 2)
+        labels = ndimage.label(m)[0]  # the same 4-connected regions as find_regions
+        label_of = {(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop): k
+                    for k, sl in enumerate(ndimage.find_objects(labels), start=1)}
+        for r in regions:
+            r0, c0, r1, c1 = r.bbox
+            spans.append(max(r1 - r0, c1 - c0) >= 2 * patch)
+            rows, cols = np.nonzero(labels[r0:r1, c0:c1] == label_of[r.bbox])
+            touched.append(len(set(zip(((rows + r0) // patch).tolist(), ((cols + c0) // patch).tolist()))))
+            zones[list(r.vertical)] += 1
+    n_reg = max(1, len(spans))
+    values, freq = np.unique(counts, return_counts=True)
+    return {
+        "images": len(fg),
+        "fg_mean": float(np.mean(fg)),
+        "empty_share": float(np.mean(np.asarray(counts) == 0)),
+        "count_share": {int(v): float(f / len(counts)) for v, f in zip(values, freq)},
+        "bilateral_share": float(np.mean(bilateral)) if bilateral else 0.0,
+        "regions": len(spans),
+        "span2_share": float(np.mean(spans)) if spans else 0.0,
+        "patches_median": float(np.median(touched)) if touched else 0.0,
+        "zone_share": dict(zip(("upper", "middle", "lower"), (zones / n_reg).tolist())),
+    }
 
 
 def _case_files(job: tuple) -> tuple[bytes, bytes, str]:
