@@ -227,6 +227,7 @@ class QataParams:
     min_area: float = 0.012  #: smallest lesion kept, fraction of the image
     amplitude: tuple[float, float] = (0.10, 0.22)  #: added brightness of a lesion
     edge: float = 0.3  #: soft edge: the opacity ramps from 0 to its full value over +-edge of the shape field
+    outline_noise: float = 0.0  #: disagreement of the mask's outline with the opacity's (shape-field units)
     texture: float = 0.35  #: patchiness of a lesion (relative brightness variation, about 1 px grain)
     distractor_counts: tuple[float, ...] = (0.25, 0.40, 0.25, 0.10)  #: P(0..3 distractors)
     distractor_kinds: tuple[float, float, float] = (0.35, 0.35, 0.30)  #: P(nodule, vessel, soft-tissue shadow)
@@ -312,7 +313,8 @@ def _lesion_qata(rng, size, lungs, lung, side, p: QataParams) -> tuple[np.ndarra
     for h in (2, 3, 4, 5):
         outline += rng.uniform(0, p.lobes) / h * np.cos(h * theta + rng.uniform(0, 2 * np.pi))
     field = 1 - np.hypot(dy, dx) / np.maximum(outline, 0.2) + p.rough * _smooth_noise(rng, size, 1.5 * k)
-    blob = (field > 0) & lungs
+    # the annotated outline follows the visible opacity up to a smooth disagreement (as a reader's outline does)
+    blob = (field + p.outline_noise * _smooth_noise(rng, size, 2.0 * k) > 0) & lungs
     labels, n = ndimage.label(blob)
     if n > 1:  # keep one connected piece: the mask holds no specks the report would not mention
         blob = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
