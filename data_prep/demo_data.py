@@ -232,7 +232,11 @@ class QataParams:
     distractor_counts: tuple[float, ...] = (0.25, 0.40, 0.25, 0.10)  #: P(0..3 distractors)
     distractor_kinds: tuple[float, float, float] = (0.35, 0.35, 0.30)  #: P(nodule, vessel, soft-tissue shadow)
     distractor_amplitude: tuple[float, float] = (0.10, 0.22)  #: added brightness of a distractor
-    noise: float = 0.015  #: white noise added last (image scale)
+    blur: tuple[float, float] = (0.6, 0.6)  #: Gaussian blur of the whole image, pixels at 64 px
+    gamma: tuple[float, float] = (0.85, 1.15)  #: exposure: gamma, gain and offset of the whole image
+    gain: tuple[float, float] = (0.9, 1.1)
+    offset: tuple[float, float] = (-0.04, 0.04)
+    noise: tuple[float, float] = (0.015, 0.015)  #: standard deviation of the white noise added last
 
     def replace(self, **changes) -> "QataParams":
         """A copy with ``changes`` (lists become tuples); unknown keys raise ValueError."""
@@ -388,10 +392,10 @@ def _make_case_qata(rng: np.random.Generator, size: int, p: QataParams) -> tuple
             img += bright
             placed["distractors"] += 1
             break
-    img = ndimage.gaussian_filter(img, 0.6 * size / 64)
-    img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15)
-    img = img * rng.uniform(0.9, 1.1) + rng.uniform(-0.04, 0.04)
-    img += p.noise * rng.standard_normal(img.shape)
+    img = ndimage.gaussian_filter(img, rng.uniform(*p.blur) * size / 64)
+    img = np.clip(img, 0, 1) ** rng.uniform(*p.gamma)
+    img = img * rng.uniform(*p.gain) + rng.uniform(*p.offset)
+    img += rng.uniform(*p.noise) * rng.standard_normal(img.shape)
     image = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     return image, mask.astype(np.uint8) * 255, placed
 
