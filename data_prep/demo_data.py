@@ -225,18 +225,18 @@ class QataParams:
     lobes: float = 0.5  #: irregularity of the outline (harmonics 2-5)
     rough: float = 0.25  #: roughness of the border (smooth noise added to the shape field)
     min_area: float = 0.012  #: smallest lesion kept, fraction of the image
-    amplitude: tuple[float, float] = (0.10, 0.22)  #: added brightness of a lesion
+    amplitude: tuple[float, float] = (0.07, 0.22)  #: added brightness of a lesion
     edge: float = 0.3  #: soft edge: the opacity ramps from 0 to its full value over +-edge of the shape field
-    outline_noise: float = 0.0  #: disagreement of the mask's outline with the opacity's (shape-field units)
+    outline_noise: float = 0.3  #: disagreement of the mask's outline with the opacity's (shape-field units)
     texture: float = 0.35  #: patchiness of a lesion (relative brightness variation, about 1 px grain)
     distractor_counts: tuple[float, ...] = (0.25, 0.40, 0.25, 0.10)  #: P(0..3 distractors)
     distractor_kinds: tuple[float, float, float] = (0.35, 0.35, 0.30)  #: P(nodule, vessel, soft-tissue shadow)
     distractor_amplitude: tuple[float, float] = (0.10, 0.22)  #: added brightness of a distractor
-    blur: tuple[float, float] = (0.6, 0.6)  #: Gaussian blur of the whole image, pixels at 64 px
-    gamma: tuple[float, float] = (0.85, 1.15)  #: exposure: gamma, gain and offset of the whole image
-    gain: tuple[float, float] = (0.9, 1.1)
-    offset: tuple[float, float] = (-0.04, 0.04)
-    noise: tuple[float, float] = (0.015, 0.015)  #: standard deviation of the white noise added last
+    blur: tuple[float, float] = (0.4, 1.0)  #: Gaussian blur of the whole image, pixels at 64 px
+    gamma: tuple[float, float] = (0.7, 1.4)  #: exposure: gamma, gain and offset of the whole image
+    gain: tuple[float, float] = (0.8, 1.2)
+    offset: tuple[float, float] = (-0.08, 0.08)
+    noise: tuple[float, float] = (0.01, 0.04)  #: standard deviation of the white noise added last
 
     def replace(self, **changes) -> "QataParams":
         """A copy with ``changes`` (lists become tuples); unknown keys raise ValueError."""
