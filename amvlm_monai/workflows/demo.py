@@ -31,15 +31,16 @@ FULL = dict(n_train=240, n_val=60, n_test=120, size=64, pre_epochs=10, epochs=20
 QUICK = dict(n_train=24, n_val=8, n_test=8, size=64, pre_epochs=1, epochs=1)
 
 
-def make_data(work: Path, sizes: dict, seed: int = 0) -> Path:
-    """Generate the synthetic data set and convert it with the QaTa converter (skipped when it exists)."""
+def make_data(work: Path, sizes: dict, seed: int = 0, regime: str = "qata") -> Path:
+    """Generate the synthetic data set (``regime``: ``qata``, the paper's regime, or ``v1``, the earlier small-lesion
+    set) and convert it with the QaTa converter (skipped when it exists)."""
     raw, data = work / "raw", work / "data"
     if (data / "datalist.json").is_file():
         return data
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for cmd in (["data_prep.demo_data", "--out", str(raw), "--n-train", str(sizes["n_train"]), "--n-val",
                  str(sizes["n_val"]), "--n-test", str(sizes["n_test"]), "--size", str(sizes["size"]), "--seed",
-                 str(seed), "--overwrite"],
+                 str(seed), "--regime", regime, "--workers", "2", "--overwrite"],
                 ["data_prep.qata", "--src", str(raw), "--out", str(data), "--seed", str(seed)]):
         subprocess.run([sys.executable, "-m", *cmd], check=True, env=env, cwd=ROOT)
     return data
@@ -54,7 +55,7 @@ def add_size_options(parser: argparse.ArgumentParser, full: dict) -> None:
 
 
 def run_synthetic(work: Path, sizes: dict, methods: Sequence[str], labeled: Sequence[int], seeds: Sequence[int],
-                  **protocol: object) -> str:
+                  regime: str = "qata", **protocol: object) -> str:
     """Generate the data (unless there), run the protocol with the CPU preset, print and return its tables.
 
     Raises:
@@ -62,7 +63,7 @@ def run_synthetic(work: Path, sizes: dict, methods: Sequence[str], labeled: Sequ
     """
     if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
         raise FileNotFoundError(f"{ROOT}: this runs from a source checkout (bundles/ and data_prep/ not found)")
-    data = make_data(work, sizes)
+    data = make_data(work, sizes, regime=regime)
     overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
     pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
     rows = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre, **protocol).run(methods, labeled, seeds)
@@ -82,14 +83,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         choices=list(METHODS))
     parser.add_argument("--seeds", type=arg_type(BUNDLE_ARGS["seed"]), nargs="+", default=[0])
     parser.add_argument("--labeled", type=LABELED, nargs="+", default=[25], help="label ratios in %%")
+    parser.add_argument("--regime", default="qata", choices=["qata", "v1"],
+                        help="qata: the paper's regime (large lesions, default); v1: the earlier small-lesion set")
     add_size_options(parser, FULL)
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     work = Path(args.work).resolve()
-    print(f"demo in {work}: {sizes}", flush=True)
+    print(f"demo in {work}: {sizes}, regime {args.regime}", flush=True)
     with cli_errors():  # a wrong value or bad data in a step: its `error:` line (with the step's log), exit status 2
-        run_synthetic(work, sizes, list(METHODS) if args.ablation else args.methods, args.labeled, args.seeds)
+        run_synthetic(work, sizes, list(METHODS) if args.ablation else args.methods, args.labeled, args.seeds,
+                      regime=args.regime)
     return 0
 
 
