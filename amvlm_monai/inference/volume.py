@@ -65,21 +65,13 @@ from amvlm_monai.io.clinical import (
 )
 from amvlm_monai.io.outputs import output_paths, refuse_existing
 from amvlm_monai.utils.progress import progress
+from amvlm_monai.utils.shapes import spatial_size
 
 __all__ = ["ResizedSliceNet", "VolumeSegmenter", "segment_volume", "output_path", "main", "cli"]
 
 
 #: what volume inference appends to an input's stem
 SUFFIX = "_seg.nii.gz"
-
-
-def _size2d(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-    if len(size) != 2 or not all(s > 0 for s in size):
-        raise ValueError(f"image_size must be a positive int, (H, W) or None, got {image_size!r}.")
-    return size  # type: ignore[return-value]
 
 
 class ResizedSliceNet(nn.Module):
@@ -102,7 +94,7 @@ class ResizedSliceNet(nn.Module):
                  slice_minmax: bool = False) -> None:
         super().__init__()
         self.network = network
-        self.image_size = _size2d(image_size)
+        self.image_size = None if image_size is None else spatial_size(image_size)
         self.slice_minmax = slice_minmax
 
     @staticmethod
