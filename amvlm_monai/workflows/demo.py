@@ -55,7 +55,7 @@ def add_size_options(parser: argparse.ArgumentParser, full: dict) -> None:
 
 
 def run_synthetic(work: Path, sizes: dict, methods: Sequence[str], labeled: Sequence[int], seeds: Sequence[int],
-                  regime: str = "qata", **protocol: object) -> str:
+                  regime: str = "qata", stage2: Optional[dict] = None, **protocol: object) -> str:
     """Generate the data (unless there), run the protocol with the CPU preset, print and return its tables.
 
     Raises:
@@ -64,7 +64,7 @@ def run_synthetic(work: Path, sizes: dict, methods: Sequence[str], labeled: Sequ
     if not (BUNDLE / "configs" / "train.json").is_file() or not (ROOT / "data_prep").is_dir():
         raise FileNotFoundError(f"{ROOT}: this runs from a source checkout (bundles/ and data_prep/ not found)")
     data = make_data(work, sizes, regime=regime)
-    overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"]}
+    overrides = {"max_epochs": sizes["epochs"], "image_size": sizes["size"], **(stage2 or {})}
     pre = {"max_epochs": sizes["pre_epochs"], "image_size": sizes["size"]}
     rows = Protocol(BUNDLE, data, work, ["configs/demo.json"], overrides, pre, **protocol).run(methods, labeled, seeds)
     print()
