@@ -12,12 +12,14 @@ smooth vessel-like texture and low-frequency noise. What lies inside the lungs d
 (``--regime``):
 
 - ``qata`` (the default): lesions with the extent, counts, sides and zones of QaTa-COV19's infection masks as LViT's
-  reports and figures show them: 1-4 large irregular ground-glass regions (about 3 % of the image each, several
-  8-px ViT patches across at 64 px, often a third of a lung or the whole lung), bilateral in most images, more often
-  in the middle and lower zones and towards the periphery, clipped by the lung borders; a patchy texture and a
-  soft edge (the mask is the region's half-maximum). Not in the mask: 0-3 **distractors** of the lesions' brightness:
-  round smooth nodules, elongated vessels and large smooth soft-tissue shadows over the lower lungs (homogeneous,
-  crossing the lung border). Parameters: `QataParams` (calibrated, see ``docs/calibration.md``).
+  reports and figures show them: 1-4 large irregular ground-glass regions (about 10 % of the image in all, 5-6 %
+  each, several 8-px ViT patches across at 64 px, up to a whole lung), bilateral in two thirds of the images, more
+  often in the middle and lower zones and towards the periphery, clipped by the lung borders; a patchy texture and a
+  soft edge; the mask outline follows the opacity's half-maximum up to a smooth disagreement of 1-3 px (as a
+  reader's outline does). Not in the mask: 0-3 **distractors** of the lesions' brightness: round smooth nodules,
+  elongated vessels and large smooth soft-tissue shadows over the lower lungs (homogeneous, crossing the lung
+  border). Exposure, blur and noise vary per image. Parameters: `QataParams` (calibrated on the supervised U-Net and
+  Mean-Teacher only, see ``docs/calibration.md``; `lesion_stats` measures a set of masks).
 - ``v1`` (the original demo set, byte-identical to the files this module wrote before the ``qata`` regime):
   0-3 **small lesions** (about 2 % of the image in all, one 8-px patch each at 64 px): irregular blobs with a rough
   border, patchy texture and a soft edge; 0-2 distractors (round smooth nodules, elongated vessels) of the same

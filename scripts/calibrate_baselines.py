@@ -109,7 +109,21 @@ def main(argv=None) -> int:
                       "load": os.getloadavg()[0], "note": a.note}
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
+    print(summary(work))
     return 0
+
+
+def summary(work: Path) -> str:
+    """The tables of every run recorded in ``work/calibration.jsonl`` (the last record of each method, ratio and seed):
+    :func:`amvlm_monai.protocol.summarise` (mean ± sd over seeds, paired t-tests), written to ``work/runs``."""
+    from amvlm_monai.protocol import summarise
+
+    rows = {}
+    for line in (work / "calibration.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        scores = work / "runs" / f"seed{r['seed']}" / f"labeled{r['labeled']}" / r["method"] / "scores_test.csv"
+        rows[(r["method"], r["labeled"], r["seed"])] = dict(r, scores=str(scores))
+    return summarise(list(rows.values()), work / "runs")
 
 
 if __name__ == "__main__":
