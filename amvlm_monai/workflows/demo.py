@@ -26,8 +26,10 @@ from amvlm_monai.workflows.protocol import LABELED, METHODS, Protocol, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "qata_covid19_cxr_segmentation"
-#: sizes of the demo: images per split, image side, stage-1 and stage-2 epochs
-FULL = dict(n_train=240, n_val=60, n_test=120, size=64, pre_epochs=10, epochs=20)
+#: sizes of the demo: images per split, image side, stage-1 and stage-2 epochs (docs/calibration.md, "A smaller
+#: budget for make demo"; the README's v1 tables: --regime v1 --n-train 240 --n-val 60 --n-test 120 --pre-epochs 10
+#: --epochs 20)
+FULL = dict(n_train=800, n_val=100, n_test=200, size=64, pre_epochs=3, epochs=6)
 QUICK = dict(n_train=24, n_val=8, n_test=8, size=64, pre_epochs=1, epochs=1)
 
 
