@@ -240,7 +240,7 @@ class QataParams:
     offset: tuple[float, float] = (-0.08, 0.08)
     noise: tuple[float, float] = (0.01, 0.04)  #: standard deviation of the white noise added last
 
-    def replace(self, **changes) -> "QataParams":
+    def replace(self, **changes) -> QataParams:
         """A copy with ``changes`` (lists become tuples); unknown keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = set(changes) - names
