@@ -2,7 +2,7 @@
 
 Generates the data with the given regime parameters, converts it with the QaTa converter (split files for 25 % and
 100 % labels), trains and tests each (method, label ratio) with the bundle's CPU preset (``configs/demo.json``)
-through :class:`amvlm_monai.protocol.Protocol`, and appends one JSON line per run to ``WORK/calibration.jsonl``
+through :class:`amvlm_monai.workflows.protocol.Protocol`, and appends one JSON line per run to ``WORK/calibration.jsonl``
 (parameters, command, commit, Dice, mIoU, seconds). Text-guided methods are refused: the data set's parameters must
 never be chosen by looking at them.
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                         str(a.data_seed), "--fractions", *map(str, fractions), "--few-shot"], check=True, env=env,
                        cwd=ROOT)
         print(f"data generated in {gen_secs:.1f} s", flush=True)
-    from amvlm_monai.protocol import Protocol
+    from amvlm_monai.workflows.protocol import Protocol
 
     overrides = {"max_epochs": a.epochs, "image_size": a.size}
     for kv in a.set:
@@ -115,8 +115,8 @@ def main(argv=None) -> int:
 
 def summary(work: Path) -> str:
     """The tables of every run recorded in ``work/calibration.jsonl`` (the last record of each method, ratio and seed):
-    :func:`amvlm_monai.protocol.summarise` (mean ± sd over seeds, paired t-tests), written to ``work/runs``."""
-    from amvlm_monai.protocol import summarise
+    :func:`amvlm_monai.workflows.protocol.summarise` (mean ± sd over seeds, paired t-tests), written to ``work/runs``."""
+    from amvlm_monai.workflows.protocol import summarise
 
     rows = {}
     for line in (work / "calibration.jsonl").read_text().splitlines():
