@@ -253,13 +253,16 @@ class TrainingState:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
 
-    def states(self) -> list[Path]:
-        """This stage's states in ``save_dir``, oldest first."""
+    def _epochs(self) -> list[tuple[int, Path]]:
+        """``(epoch, path)`` of this stage's states in ``save_dir``, oldest first."""
         if not self.save_dir.is_dir():
             return []
         pattern = re.compile(self._RE.format(prefix=re.escape(self.prefix)))
-        found = [(int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := pattern.match(p.name))]
-        return [p for _, p in sorted(found)]
+        return sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := pattern.match(p.name)))
+
+    def states(self) -> list[Path]:
+        """This stage's states in ``save_dir``, oldest first."""
+        return [p for _, p in self._epochs()]
 
     def _complete(self, engine) -> None:
         """Add what the engine holds (known only once it is built, i.e. when it starts)."""
@@ -283,8 +286,7 @@ class TrainingState:
         if self.resume and states:
             self.load(states[-1], engine)
             # the states already on disk take part in the rotation of those this run saves
-            self.checkpoint.load_state_dict({"_saved": [(int(re.search(r"=(\d+)\.pt$", p.name).group(1)), p.name)
-                                                       for p in states]})
+            self.checkpoint.load_state_dict({"_saved": [(epoch, p.name) for epoch, p in self._epochs()]})
             return
         if earlier and not self.overwrite:
             hint = ("there is no state to resume from (" + self.prefix + "_epoch=N.pt)" if self.resume else
