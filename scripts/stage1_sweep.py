@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -71,8 +71,15 @@ def _local_tokens_from(encoder: torch.nn.Module, layer: int) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Train as ``args`` says; returns the evaluation rows (step, seconds, mean loss and the alignment figures)."""
-    from amvlm_monai.evaluation.alignment import evaluate_alignment, refresh_bn_statistics
-    from amvlm_monai.losses.contrastive import ImageTextContrastiveLoss, LocalGlobalLoss, PooledPatchTextLoss
+    from amvlm_monai.evaluation.alignment import (
+        evaluate_alignment,
+        refresh_bn_statistics,
+    )
+    from amvlm_monai.losses.contrastive import (
+        ImageTextContrastiveLoss,
+        LocalGlobalLoss,
+        PooledPatchTextLoss,
+    )
     from amvlm_monai.networks.amvlm import build_amvlm
 
     torch.manual_seed(args.seed)
@@ -101,9 +108,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def evaluate(step: int) -> None:
         n = len(x_va)
-        batches = [dict(image=x_va[i:i + 50], label=y_va[i:i + 50], text=t_va[i:i + 50]) for i in range(0, n, 50)]
+        batches = [{"image": x_va[i:i + 50], "label": y_va[i:i + 50], "text": t_va[i:i + 50]} for i in range(0, n, 50)]
         if args.head == "mlp":  # as the pretrainer: BatchNorm statistics that fit the weights before evaluating
-            refresh_bn_statistics(model, [dict(image=x_tr[i:i + args.batch_size], text=t_tr[i:i + args.batch_size])
+            refresh_bn_statistics(model, [{"image": x_tr[i:i + args.batch_size], "text": t_tr[i:i + args.batch_size]}
                                           for i in range(0, min(256, len(x_tr)), args.batch_size)])
         r = evaluate_alignment(model, batches)
         row = dict(step=step, seconds=round(time.time() - start, 1), loss=float(np.mean(losses[-50:])), **r)
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     count = arg_type(Arg("int", "", 1))
     parser.add_argument("--datalist", required=True, help="a converted data set's datalist.json (PNG images)")
