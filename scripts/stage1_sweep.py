@@ -32,8 +32,8 @@ from amvlm_monai.utils.args import Arg, arg_type
 
 
 def load_split(datalist: str, key: str, limit: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Images (N, 1, H, W) scaled per image to [-1, 1] (as the bundle's chain), masks (N, 1, H, W) in {0, 1} and reports of the first ``limit`` items, in the
-    orientation the bundle's PNG loader gives them ((W, H), i.e. transposed)."""
+    """Images (N, 1, H, W) scaled per image to [-1, 1] (as the bundle's chain), masks (N, 1, H, W) in {0, 1} and
+    reports of the first ``limit`` items, in the orientation the bundle's PNG loader gives them ((W, H), i.e. transposed)."""
     from PIL import Image
 
     from amvlm_monai.data.datalist import load_datalist
