@@ -96,11 +96,7 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         for method, pct in runs:
             t0 = time.time()
-            runner = protocol
-            if pct == 100:  # no unlabelled items: train.json's unlabeled_items would raise (it needs some)
-                runner = Protocol(BUNDLE, data, work / "runs", ["configs/demo.json"],
-                                  dict(overrides, **{"train#unlabeled_items": []}))
-            row = runner.train_and_test(seed, pct, method)
+            row = protocol.train_and_test(seed, pct, method)
             record = {"method": method, "labeled": pct, "seed": seed, "dice": row["dice"], "iou": row["iou"],
                       "selected": row.get("selected"), "epoch": row.get("epoch"), "seconds": row["seconds"],
                       "wall_seconds": round(time.time() - t0, 1), "params": a.param, "overrides": overrides,

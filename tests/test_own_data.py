@@ -131,3 +131,29 @@ def test_training_on_a_plain_datalist_says_what_to_do(tmp_path):
         os.chdir(cwd)
     msg = str(root_cause(e.value))
     assert msg.startswith(f"{path}: no unlabelled training items") and "python -m data_prep.own_data" in msg
+
+
+def test_supervised_training_on_a_split_without_unlabelled_items(tmp_path):
+    """100 % labels (no unlabelled item): the supervised variant trains; only semi-supervised training needs them."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from monai.bundle import run
+
+    src, _ = make_folder(tmp_path / "src")
+    path = prepare(tmp_path / "data", src=src, fractions=(0.5,), few_shot=())
+    qata = Path(__file__).resolve().parents[1] / "bundles" / "qata_covid19_cxr_segmentation"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qata, bundle)
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    try:
+        run(run_id="training", config_file=[str(bundle / "configs" / "train.json"),
+                                            str(bundle / "configs" / "variants" / "supervised.json")],
+            bundle_root=str(bundle), meta_file=str(bundle / "configs" / "metadata.json"), split_file=str(path),
+            ckpt_dir=str(tmp_path / "m"), image_size=32, num_workers=0, cache_rate=0.0, amp=False, max_epochs=1,
+            unet_size="light", batch_size=2)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "m" / "model.pt").is_file()
