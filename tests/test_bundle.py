@@ -82,6 +82,20 @@ def _run(bundle, run_id, configs, **overrides):
         os.chdir(cwd)
 
 
+def test_stage1_variants_in_one_folder_keep_their_own_states(bundle_copy, demo_data, tmp_path):
+    """The paper's stage 1 and the L_mil variant written to one folder: resuming the second must not pick up the
+    first's state (it did, and refused with "already trained N epochs", or would have continued the wrong run)."""
+    out = tmp_path / "stage1"
+    common = dict(PRETRAIN_TINY, dataset_dir=str(demo_data), output_dir=str(out), resume=True)
+    _run(bundle_copy, "pretraining", ["pretrain.json"], **common)
+    _run(bundle_copy, "pretraining", ["pretrain.json", "variants/pretrain_mil.json"], **common)
+    states = sorted(p.name for p in out.glob("*_state_epoch=*.pt"))
+    assert states == ["amvlm_mil_state_epoch=1.pt", "amvlm_pretrained_state_epoch=1.pt"]
+    first = torch.load(out / "amvlm_pretrained.pt", weights_only=True)["model"]
+    second = torch.load(out / "amvlm_mil.pt", weights_only=True)["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # two runs, not one copied
+
+
 def test_pretrain_train_evaluate_infer_end_to_end(bundle_copy, demo_data, tmp_path):
     from amvlm_monai.evaluation.metrics import read_scores_csv
     from amvlm_monai.networks.amvlm import load_amvlm
