@@ -211,7 +211,8 @@ class TrainingState:
         save_dir: folder of the states (the run's checkpoint folder).
         to_save: name -> object with ``state_dict``/``load_state_dict`` (networks, optimiser, scheduler, a
             :class:`~amvlm_monai.handlers.selection.SelectBestModel`); None values are skipped (e.g. the teacher of the supervised variant).
-        prefix: file name prefix, one per training stage (``train_state``, ``pretrain_state``).
+        prefix: file name prefix, one per run that may share the folder (``train_state``; stage 1: the checkpoint's name
+            and ``_state``, e.g. ``amvlm_mil_state``).
         interval: epochs between saves (the last epoch is always saved); 0 saves only at the end.
         n_saved: number of states kept.
         resume: continue from the latest state (bool, or "true"/"false" as given on the command line).
