@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny AMVLM on the packaged text model, and a tiny converted demo data set."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,6 +20,14 @@ REPORTS = [
     "Unilateral pulmonary infection, one infected area, medium upper right lung.",
     "Unilateral pulmonary infection, one infected area, small lower left lung.",
 ]
+
+
+def load_script(name):
+    """The module of ``scripts/<name>.py`` (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

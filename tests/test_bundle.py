@@ -215,11 +215,9 @@ def test_bundle_configs_are_generated_from_the_shared_template():
 
 
 def test_build_rejects_a_setting_no_config_uses(monkeypatch, tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("build_bundles", ROOT / "scripts" / "build_bundles.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_script("build_bundles")
     with pytest.raises(ValueError, match="used by no template config: \\['imgae_size'\\]"):
         build.render("x", {"imgae_size": 32})
 

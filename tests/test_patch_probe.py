@@ -1,19 +1,12 @@
 """scripts/patch_probe.py: the linear probe separates what is separable and not what is not; runs on a tiny model."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("patch_probe", ROOT / "scripts" / "patch_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("patch_probe")
 
 
 def test_probe_auc_separable_and_random():

@@ -1,20 +1,13 @@
 """scripts/stage1_sweep.py: loads a split as the bundle does, trains the chosen losses and scores them; its two
 diagnostic switches change what they say they change."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("stage1_sweep", ROOT / "scripts" / "stage1_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("stage1_sweep")
 
 
 def test_load_split_matches_the_bundle_loader(demo_data):
