@@ -94,6 +94,7 @@ def main() -> None:
         else:
             result = {"dice": metric(dist.get_rank(), dist.get_world_size())}
         torch.save(result, os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective (a rare SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
