@@ -54,3 +54,27 @@ def demo_data(tmp_path_factory):
     make_demo_dataset(root / "raw", n_train=16, n_val=4, n_test=4, size=32, seed=0)
     convert_qata(root / "raw", root / "data", seed=0)
     return root / "data"
+
+
+def train_qata_bundle(tmp_path, split_file, variants=(), extra_configs=(), **overrides):
+    """``monai.bundle run training`` of a copy of the QaTa bundle (32 px, 1 epoch) on ``split_file``, with the
+    ``variants`` overlays (names under ``configs/variants``) and then ``extra_configs`` (paths); the model folder is
+    ``tmp_path / "m"``."""
+    import shutil
+
+    from monai.bundle import run
+
+    qata = Path(__file__).resolve().parents[1] / "bundles" / "qata_covid19_cxr_segmentation"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(qata, bundle)
+    configs = ([str(bundle / "configs" / "train.json")]
+               + [str(bundle / "configs" / "variants" / f"{v}.json") for v in variants] + [str(p) for p in extra_configs])
+    cwd = os.getcwd()
+    os.chdir(bundle)
+    try:
+        run(run_id="training", config_file=configs, bundle_root=str(bundle),
+            meta_file=str(bundle / "configs" / "metadata.json"), split_file=str(split_file),
+            ckpt_dir=str(tmp_path / "m"), image_size=32, num_workers=0, cache_rate=0.0, amp=False, max_epochs=1,
+            **overrides)
+    finally:
+        os.chdir(cwd)

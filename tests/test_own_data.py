@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_qata_bundle
 from PIL import Image
 
 from amvlm_monai.data.datalist import load_datalist
@@ -106,30 +107,6 @@ def test_bad_folder_gives_error_lines_and_writes_nothing(tmp_path, capsys):
     assert "inside the source folder" in capsys.readouterr().err and listing(src) == before
 
 
-def _train_qata(tmp_path, split_file, variants=(), **overrides):
-    """``monai.bundle run training`` of a copy of the QaTa bundle (32 px, 1 epoch) on ``split_file``; the model
-    folder is ``tmp_path / "m"``."""
-    import os
-    import shutil
-
-    from monai.bundle import run
-
-    qata = Path(__file__).resolve().parents[1] / "bundles" / "qata_covid19_cxr_segmentation"
-    bundle = tmp_path / "bundle"
-    shutil.copytree(qata, bundle)
-    configs = [str(bundle / "configs" / "train.json")] + [str(bundle / "configs" / "variants" / f"{v}.json")
-                                                           for v in variants]
-    cwd = os.getcwd()
-    os.chdir(bundle)
-    try:
-        run(run_id="training", config_file=configs, bundle_root=str(bundle),
-            meta_file=str(bundle / "configs" / "metadata.json"), split_file=str(split_file),
-            ckpt_dir=str(tmp_path / "m"), image_size=32, num_workers=0, cache_rate=0.0, amp=False, max_epochs=1,
-            **overrides)
-    finally:
-        os.chdir(cwd)
-
-
 def test_training_on_a_plain_datalist_says_what_to_do(tmp_path):
     """A datalist without labelled/unlabelled flags used as a split file: one message naming it and the command."""
     from amvlm_monai.utils.errors import root_cause
@@ -137,7 +114,7 @@ def test_training_on_a_plain_datalist_says_what_to_do(tmp_path):
     src, _ = make_folder(tmp_path / "src")
     path = prepare(tmp_path / "data", src=src, fractions=(0.5,), few_shot=())
     with pytest.raises(Exception) as e:
-        _train_qata(tmp_path, path, use_text=False)
+        train_qata_bundle(tmp_path, path, use_text=False)
     msg = str(root_cause(e.value))
     assert msg.startswith(f"{path}: no unlabelled training items") and "python -m data_prep.own_data" in msg
 
@@ -146,5 +123,5 @@ def test_supervised_training_on_a_split_without_unlabelled_items(tmp_path):
     """100 % labels (no unlabelled item): the supervised variant trains; only semi-supervised training needs them."""
     src, _ = make_folder(tmp_path / "src")
     path = prepare(tmp_path / "data", src=src, fractions=(0.5,), few_shot=())
-    _train_qata(tmp_path, path, variants=("supervised",), unet_size="light", batch_size=2)
+    train_qata_bundle(tmp_path, path, variants=("supervised",), unet_size="light", batch_size=2)
     assert (tmp_path / "m" / "model.pt").is_file()
